@@ -7,12 +7,10 @@ is initialised: a single process is its own world.
 
 from __future__ import annotations
 
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-ProcessGroup = "dist.ProcessGroup | None"
 
 
 def is_distributed() -> bool:
@@ -81,4 +79,3 @@ def all_gather_objects(obj, group=None) -> list:
     return out
 
 
-DEFAULT_TIMEOUT = timedelta(minutes=10)

@@ -247,16 +247,21 @@ class ShardedEMA:
                     f"{t.local_shape} and {t.dtype}; create a new ShardedEMA after changing the model"
                 )
 
+    @staticmethod
+    def _same_tensors(lives: list[torch.Tensor], cached: list[torch.Tensor]) -> bool:
+        return bool(cached) and len(cached) == len(lives) and all(a is b for a, b in zip(lives, cached))
+
     def _resolved_plan(self, group: _Group) -> LerpPlan:
         """The group's plan, rebuilt only when a live local tensor was replaced."""
         lives = self._live_locals(group.members)
-        cached = group.plan_lives
-        if group.plan is not None and len(cached) == len(lives) and all(a is b for a, b in zip(lives, cached)):
+        if self._same_tensors(lives, group.plan_lives):
             return group.plan
         # Something changed: FSDP2 may have left unsharded params (reshard and look again)
         # or replaced a local tensor (new views, same shadows).
         reshard_fsdp(self.model)
         lives = self._live_locals(group.members)
+        if self._same_tensors(lives, group.plan_lives):
+            return group.plan
         self._check_live(group.members, lives)
         group.plan = LerpPlan(group.views, lives, chunk_numel=self._chunk_numel,
                               scratch=self._scratch.get(group.flat.device))

@@ -1,0 +1,348 @@
+"""Rank-coordinated swap of EMA weights into the live model (``with ema.swapped(f):``).
+
+[Note: swap protocol]
+Every rank of the EMA's process group enters the block together. Each rank then
+works on its own local shards only; the single collective is the agreement at exit:
+
+1. (every rank, local) validate the factor and model paths, refuse a nested swap,
+   mark the EMA ``SWAPPED``.
+2. (every rank, local) reshard FSDP2 modules so parameters are sharded DTensors
+   again, then re-resolve the live local tensors.
+3. (every rank, local) allocate the swap memory (scratch buffer and backups), then
+   put the EMA values into the live local shards.
+4. (every rank) run the body.
+5. (every rank, local, also when the body raised) reshard FSDP2 modules again,
+   re-resolve the live local tensors and restore them bit-exact; mark ``IDLE``.
+6. (every rank, collective) one all-reduce of a ``world_size`` flag vector tells
+   every rank which ranks failed in steps 3-5. A failed rank re-raises its own
+   exception; the others raise :class:`SwapAbortedError` naming the failed ranks.
+
+[Note: in-place exchange]
+When a shadow has the live tensor's dtype, live and shadow values are exchanged
+through one bounded scratch buffer, batch by batch (scratch <- live, live <- shadow,
+shadow <- scratch). The same exchange at exit gives both sides their values back,
+bit-exact, so no full backup of the model ever exists. Otherwise (e.g. bf16 live,
+fp32 shadow) the live local shards are backed up first, optionally into pinned
+host memory, the shadow is copied in with a cast, and the backup is copied back.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+
+import torch
+
+from . import _dist
+from ._log import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._ema import ShardedEMA
+    from ._shards import LiveTensor
+
+DEFAULT_SCRATCH_BYTES = 64 * 2**20
+"""Default bound of the in-place exchange's scratch buffer (per device)."""
+
+SwapMode = Literal["in_place", "backup", "mixed"]
+
+
+class SwapAbortedError(RuntimeError):
+    """Raised on every rank whose swap body succeeded when another rank's failed.
+
+    The weights of this rank were restored before it was raised.
+    ``failed_ranks`` holds the ranks (in the EMA's process group) whose body, swap-in
+    or restore raised; their own exceptions are raised there.
+    """
+
+    def __init__(self, factor: float, failed_ranks: Sequence[int]):
+        self.factor = float(factor)
+        self.failed_ranks = tuple(int(r) for r in failed_ranks)
+        ranks = ", ".join(str(r) for r in self.failed_ranks)
+        super().__init__(
+            f"swap of EMA factor {self.factor!r} aborted: rank(s) {ranks} raised inside "
+            f"`with ema.swapped({self.factor!r})`; this rank's live weights were restored. "
+            f"See the log of rank(s) {ranks} for the original exception."
+        )
+
+    def __reduce__(self):  # picklable across processes despite the custom signature
+        return (type(self), (self.factor, self.failed_ranks))
+
+
+@dataclass(frozen=True)
+class SwapInfo:
+    """What a swap did on this rank; yielded by ``with ema.swapped(...) as info``.
+
+    Attributes:
+        factor: the EMA factor swapped in.
+        model_paths: the model paths swapped (``None`` = the whole model).
+        mode: ``"in_place"`` (every tensor exchanged through the scratch buffer),
+            ``"backup"`` (every tensor backed up) or ``"mixed"``.
+        num_tensors: local tensors swapped on this rank (empty pieces excluded).
+        scratch_bytes: bytes of the exchange scratch buffers on this rank.
+        backup_bytes: bytes of the live backups on this rank.
+        backup_on_host: True when the backups live in pinned host memory.
+    """
+
+    factor: float
+    model_paths: tuple[str | None, ...]
+    mode: SwapMode
+    num_tensors: int
+    scratch_bytes: int
+    backup_bytes: int
+    backup_on_host: bool
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory the swap holds on this rank from entry to exit (scratch + backups)."""
+        return self.scratch_bytes + self.backup_bytes
+
+
+# An exchange segment: (pair index, start, length, offset in the scratch view).
+_Segment = tuple[int, int, int, int]
+
+
+class _Swap:
+    """The swap of one factor's shadows with the live local shards of one rank.
+
+    Plans depend only on shapes and dtypes, so they stay valid when FSDP2 replaces a
+    local tensor during the body: :meth:`restore` re-resolves every live tensor.
+    """
+
+    def __init__(self, ema: ShardedEMA, k: int, targets: list[LiveTensor], scratch_limit: int,
+                 backup_to_host: bool):
+        self.ema = ema
+        self.targets = [t for t in targets if t.local_numel > 0]
+        self.shadows = [ema.shadow(k, t.key) for t in self.targets]
+        lives = self._resolve()
+        exchange = [i for i, (live, shadow) in enumerate(zip(lives, self.shadows))
+                    if live.dtype == shadow.dtype and live.is_contiguous() and shadow.is_contiguous()]
+        chosen = set(exchange)
+        self.backed = [i for i in range(len(self.targets)) if i not in chosen]
+        self.batches = self._plan_exchange(lives, exchange, scratch_limit)
+        self.scratch = self._allocate_scratch(lives, exchange, scratch_limit)
+        self.backups, self.on_host = self._allocate_backups(lives, backup_to_host)
+        self.batches_done = 0
+        self.backup_written = False
+        self.live_overwritten = False
+
+    # ------------------------------------------------------------------ planning
+    def _resolve(self) -> list[torch.Tensor]:
+        from ._ema import reshard_fsdp
+
+        reshard_fsdp(self.ema.model)
+        lives = [t.local() for t in self.targets]
+        self.ema._check_live(self.targets, lives)
+        return lives
+
+    @staticmethod
+    def _scratch_budget(lives, exchange, scratch_limit) -> dict[torch.device, int]:
+        """Scratch bytes per device: the limit, or less for small models, >= one element."""
+        need: dict[torch.device, int] = {}
+        widest: dict[torch.device, int] = {}
+        for i in exchange:
+            live = lives[i]
+            need[live.device] = need.get(live.device, 0) + live.numel() * live.element_size()
+            widest[live.device] = max(widest.get(live.device, 1), live.element_size())
+        return {d: max(min(scratch_limit, need[d]), widest[d]) for d in need}
+
+    def _plan_exchange(self, lives, exchange, scratch_limit) -> list[tuple[torch.device, torch.dtype, list[_Segment]]]:
+        budget = self._scratch_budget(lives, exchange, scratch_limit)
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i in exchange:
+            by_kind.setdefault((lives[i].device, lives[i].dtype), []).append(i)
+        batches = []
+        for (device, dtype), members in by_kind.items():
+            capacity = budget[device] // lives[members[0]].element_size()
+            segments: list[_Segment] = []
+            used = 0
+            for i in members:
+                start, numel = 0, lives[i].numel()
+                while start < numel:
+                    if used == capacity:
+                        batches.append((device, dtype, segments))
+                        segments, used = [], 0
+                    length = min(numel - start, capacity - used)
+                    segments.append((i, start, length, used))
+                    start += length
+                    used += length
+            if segments:
+                batches.append((device, dtype, segments))
+        return batches
+
+    def _allocate_scratch(self, lives, exchange, scratch_limit) -> dict[torch.device, torch.Tensor]:
+        # Held until exit, so that restoring never needs to allocate.
+        budget = self._scratch_budget(lives, exchange, scratch_limit)
+        return {d: torch.empty(n, dtype=torch.uint8, device=d) for d, n in budget.items()}
+
+    def _allocate_backups(self, lives, backup_to_host: bool) -> tuple[dict[int, torch.Tensor], bool]:
+        # One flat buffer per (device, dtype); each backed-up tensor gets a view of it.
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i in self.backed:
+            by_kind.setdefault((lives[i].device, lives[i].dtype), []).append(i)
+        views: dict[int, torch.Tensor] = {}
+        on_host = False
+        for (device, dtype), members in by_kind.items():
+            total = sum(lives[i].numel() for i in members)
+            if backup_to_host and device.type == "cuda":
+                # Pin the local tensor's backup (pin_memory() is not implemented for DTensors).
+                flat = torch.empty(total, dtype=dtype, device="cpu", pin_memory=True)
+                on_host = True
+            else:
+                flat = torch.empty(total, dtype=dtype, device=device)
+            offset = 0
+            for i in members:
+                views[i] = flat[offset:offset + lives[i].numel()].view(lives[i].shape)
+                offset += lives[i].numel()
+        return views, on_host
+
+    def info(self, factor: float, model_paths: tuple[str | None, ...]) -> SwapInfo:
+        """The :class:`SwapInfo` of this swap."""
+        if not self.backed:
+            mode: SwapMode = "in_place"
+        elif len(self.backed) == len(self.targets):
+            mode = "backup"
+        else:
+            mode = "mixed"
+        return SwapInfo(
+            factor=factor, model_paths=model_paths, mode=mode, num_tensors=len(self.targets),
+            scratch_bytes=sum(s.numel() for s in self.scratch.values()),
+            backup_bytes=sum(b.numel() * b.element_size() for b in self.backups.values()),
+            backup_on_host=self.on_host,
+        )
+
+    # ------------------------------------------------------------------ moving values
+    def _typed_scratch(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The device's byte scratch seen as ``dtype`` (whole elements only)."""
+        raw = self.scratch[device]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return raw[:raw.numel() // itemsize * itemsize].view(dtype)
+
+    def _exchange(self, lives: list[torch.Tensor], batch) -> None:
+        device, dtype, segments = batch
+        scratch = self._typed_scratch(device, dtype)
+        tmp = [scratch[o:o + n] for _, _, n, o in segments]
+        live = [lives[i].view(-1)[s:s + n] for i, s, n, _ in segments]
+        shadow = [self.shadows[i].view(-1)[s:s + n] for i, s, n, _ in segments]
+        torch._foreach_copy_(tmp, live)
+        torch._foreach_copy_(live, shadow)
+        torch._foreach_copy_(shadow, tmp)
+
+    @staticmethod
+    def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool) -> None:
+        if not dsts:
+            return
+        if all(d.device == s.device for d, s in zip(dsts, srcs)):
+            torch._foreach_copy_(dsts, srcs)
+        else:  # host backup of device tensors
+            for d, s in zip(dsts, srcs):
+                d.copy_(s, non_blocking=non_blocking)
+
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        """Put the EMA values into the live local shards (steps 2-3 of the protocol)."""
+        lives = self._resolve()
+        backed = self.backed
+        self._copy([self.backups[i] for i in backed], [lives[i] for i in backed], self.on_host)
+        self.backup_written = True
+        self.live_overwritten = True
+        self._copy([lives[i] for i in backed], [self.shadows[i] for i in backed], False)
+        for batch in self.batches:
+            self._exchange(lives, batch)
+            self.batches_done += 1
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Give the live shards (and the exchanged shadows) their values back (step 5)."""
+        lives = self._resolve()
+        for batch in self.batches[:self.batches_done]:
+            self._exchange(lives, batch)
+        self.batches_done = 0
+        if self.backup_written and self.live_overwritten:
+            backed = self.backed
+            self._copy([lives[i] for i in backed], [self.backups[i] for i in backed], self.on_host)
+        self.live_overwritten = False
+
+
+@contextmanager
+def swap_context(ema: ShardedEMA, factor: float, model_paths: Sequence[str | None] | str | None = None, *,
+                 scratch_bytes: int | None = None, backup_to_host: bool = False) -> Iterator[SwapInfo]:
+    """Collective: the EMA weights of ``factor`` live in ``ema.model`` inside the block.
+
+    Every rank of ``ema.process_group`` must enter. On exit every rank restores its
+    live weights bit-exact, also when the body raised, then all ranks agree with one
+    small all-reduce: a rank whose body raised re-raises its exception, the others
+    raise :class:`SwapAbortedError`. See the swap-protocol note of this module and
+    docs/swap.md.
+
+    Args:
+        ema: the :class:`~shardema.ShardedEMA`.
+        factor: one of ``ema.target_factors``.
+        model_paths: swap only these model paths (default: all of the EMA's).
+        scratch_bytes: bound of the in-place exchange buffer per device
+            (default :data:`DEFAULT_SCRATCH_BYTES`, 64 MiB).
+        backup_to_host: keep backups of CUDA live shards (needed when the shadow
+            dtype differs from the live dtype) in pinned host memory.
+
+    Yields:
+        a :class:`SwapInfo` with the mode and the extra bytes held on this rank.
+    """
+    from ._ema import EMAState
+
+    k = ema.factor_index(factor)
+    factor = ema.target_factors[k]
+    targets = ema.tracked(model_paths)
+    swapped_paths = ema.model_paths if model_paths is None else tuple(dict.fromkeys(t.model_path for t in targets))
+    limit = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"scratch_bytes={scratch_bytes!r} must be a positive int (bytes), e.g. 64 * 2**20")
+    if ema.state is not EMAState.IDLE:
+        raise RuntimeError(
+            f"`with ema.swapped({factor!r})` was entered while EMA weights are already swapped in; "
+            "nested swaps are not supported: exit the outer `with ema.swapped(...)` block first"
+        )
+
+    ema.state = EMAState.SWAPPED
+    failure: BaseException | None = None
+    try:
+        swap = None
+        try:
+            swap = _Swap(ema, k, targets, limit, backup_to_host)
+            info = swap.info(factor, tuple(swapped_paths))
+            swap.swap_in()
+            logger.debug("swapped in EMA factor %r at step %d: %s", factor, ema.step, info)
+        except BaseException as exc:
+            failure = exc
+        if failure is None:
+            try:
+                yield info
+            except BaseException as exc:  # GeneratorExit too: restore, agree, re-raise
+                failure = exc
+        if swap is not None:
+            try:
+                swap.restore()
+            except BaseException as exc:
+                logger.error("restoring the live weights after the swap of factor %r failed: %r", factor, exc)
+                if failure is None:
+                    failure = exc
+    finally:
+        ema.state = EMAState.IDLE
+
+    try:
+        failed = _dist.failed_ranks(failure is not None, ema.process_group)
+    except BaseException as exc:
+        logger.error(
+            "the agreement at the end of the swap of factor %r failed (%r); a rank probably died. This rank's "
+            "weights were restored", factor, exc,
+        )
+        if failure is not None:
+            raise failure from exc
+        raise
+    if failure is not None:
+        others = [r for r in failed if r != _dist.rank(ema.process_group)]
+        if others and hasattr(failure, "add_note"):
+            failure.add_note(f"shardema: rank(s) {others} also failed inside the same swap")
+        raise failure
+    if failed:
+        logger.warning("swap of factor %r aborted because rank(s) %s failed; weights restored", factor, failed)
+        raise SwapAbortedError(factor, failed)

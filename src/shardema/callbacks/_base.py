@@ -1,0 +1,252 @@
+"""CallbackBase (the hooks), PeriodicCallback (schedules) and what callbacks can reach.
+
+[Note: hook order]
+For each optimizer update the runner counts the update (and, when it completes an
+epoch, the epoch), then calls on every callback in order:
+``track_after_update_step`` (every update), ``after_update`` (periodic work) and,
+at an epoch end, ``after_epoch``. ``before_training`` / ``after_training`` run once,
+``resume_from_checkpoint`` before ``before_training`` when resuming, ``at_eval``
+when the loop asks for an evaluation. Every hook runs under ``torch.no_grad()``
+and receives the shared :class:`UpdateCounter` as ``update_counter``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from typing import Any, Callable, ClassVar, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ._config import CallbackConfig, PeriodicCallbackConfig
+from ._counter import UpdateCounter
+from ._metrics import MemoryWriter, MetricWriter
+
+
+class IntervalType(str, enum.Enum):
+    """What made a periodic callback fire."""
+
+    EPOCH = "epoch"
+    UPDATE = "update"
+    SAMPLE = "sample"
+    EVAL = "eval"
+
+
+class Hook(str, enum.Enum):
+    """The lifecycle hooks, by name."""
+
+    BEFORE_TRAINING = "before_training"
+    RESUME_FROM_CHECKPOINT = "resume_from_checkpoint"
+    TRACK_AFTER_UPDATE_STEP = "track_after_update_step"
+    AFTER_UPDATE = "after_update"
+    AFTER_EPOCH = "after_epoch"
+    AT_EVAL = "at_eval"
+    AFTER_TRAINING = "after_training"
+
+
+@dataclasses.dataclass(frozen=True)
+class CallbackContext:
+    """What a training run hands to its callbacks.
+
+    Attributes:
+        model: the live model (plain, DDP, FSDP2, DTensor).
+        datasets: loaders by key (``{"val": loader}``) for evaluation callbacks; each
+            yields this rank's batches.
+        loss_fn: ``loss_fn(model, batch)`` returning the batch's mean loss (a scalar
+            tensor) or a ``(loss_sum, sample_count)`` pair.
+        writer: where metrics go.
+        run_dir: the run's directory (metrics file, default checkpoint root).
+        ema_root: default checkpoint directory of EMA callbacks.
+        process_group: the group the model is sharded over (default: the world).
+    """
+
+    model: Optional[nn.Module] = None
+    datasets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    loss_fn: Optional[Callable[..., Any]] = None
+    writer: MetricWriter = dataclasses.field(default_factory=MemoryWriter)
+    run_dir: Optional[str | os.PathLike] = None
+    ema_root: Optional[str | os.PathLike] = None
+    process_group: Any = None
+
+    def replace(self, **changes) -> "CallbackContext":
+        """A copy with some attributes changed (e.g. a prefixed writer for child callbacks)."""
+        return dataclasses.replace(self, **changes)
+
+
+class CallbackBase:
+    """A training callback: override the hooks you need (all are no-ops here).
+
+    Register a subclass with :func:`register_callback` and give it a ``config_class``
+    to make it available in YAML configs. Hooks are keyword-only and receive
+    ``update_counter``; see [Note: hook order].
+
+    Args:
+        config: the validated config (a default one when omitted).
+        context: what the run provides (model, datasets, loss, writer, directories).
+    """
+
+    config_class: ClassVar[type[CallbackConfig]] = CallbackConfig
+    kind_name: ClassVar[Optional[str]] = None
+
+    def __init__(self, config: Optional[CallbackConfig] = None, context: Optional[CallbackContext] = None):
+        if config is None or isinstance(config, Mapping):
+            data = dict(config or {})
+            own_kind = type(self).__dict__.get("kind_name")  # set on registered classes only
+            if own_kind is not None:
+                data.setdefault("kind", own_kind)
+            config = self.config_class.model_validate(data)
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
+        self.config = config
+        self.context = context if context is not None else CallbackContext()
+
+    # ------------------------------------------------------------------ conveniences
+    @property
+    def name(self) -> str:
+        """The config's display name (``name`` or ``kind``)."""
+        return self.config.display_name
+
+    @property
+    def model(self) -> Optional[nn.Module]:
+        """The live model of the run."""
+        return self.context.model
+
+    @property
+    def writer(self) -> MetricWriter:
+        """Where this callback's metrics go (prefixed for EMA children)."""
+        return self.context.writer
+
+    def log_scalar(self, key: str, value, update_counter: Optional[UpdateCounter] = None) -> None:
+        """Write one metric through :attr:`writer`."""
+        self.writer.add_scalar(key, value, update_counter=update_counter)
+
+    # ------------------------------------------------------------------ hooks
+    @torch.no_grad()
+    def before_training(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Once, before the first update (after :meth:`resume_from_checkpoint` when resuming)."""
+
+    @torch.no_grad()
+    def resume_from_checkpoint(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Once, when the run resumes, before :meth:`before_training`."""
+
+    @torch.no_grad()
+    def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """After every optimizer update (cheap tracking; the EMA update happens here)."""
+
+    @torch.no_grad()
+    def after_update(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """After every optimizer update, following :meth:`track_after_update_step`."""
+
+    @torch.no_grad()
+    def after_epoch(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """After every completed epoch (``update_counter.epoch`` already counts it)."""
+
+    @torch.no_grad()
+    def at_eval(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """When the training loop asks for an evaluation."""
+
+    @torch.no_grad()
+    def after_training(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Once, after the last update."""
+
+    def fires(self, hook: Hook | str, update_counter: UpdateCounter) -> bool:
+        """Whether ``hook`` does work at this position; a parent swaps weights only if so.
+
+        Default: always (a plain callback's hooks may do anything).
+        """
+        return True
+
+    def get_children(self) -> list["CallbackBase"]:
+        """Callbacks this one owns and dispatches (flat list; none by default)."""
+        return []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Picklable state to checkpoint with the run (empty by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+class PeriodicCallback(CallbackBase):
+    """A callback whose :meth:`periodic_callback` runs on its epoch / update / sample schedule.
+
+    Subclasses implement :meth:`periodic_callback`. Within one hook it runs at most
+    once, even when several schedules match; :meth:`at_eval` always runs it with
+    ``interval_type=IntervalType.EVAL``.
+    """
+
+    config_class: ClassVar[type[CallbackConfig]] = PeriodicCallbackConfig
+
+    def __init__(self, config: Optional[PeriodicCallbackConfig] = None, context: Optional[CallbackContext] = None):
+        super().__init__(config, context)
+        self.every_n_epochs = self.config.every_n_epochs
+        self.every_n_updates = self.config.every_n_updates
+        self.every_n_samples = self.config.every_n_samples
+        self.batch_size = self.config.batch_size
+
+    # ------------------------------------------------------------------ schedules
+    def _sample_window(self, update_counter: UpdateCounter) -> tuple[int, int]:
+        if update_counter.counts_samples:
+            return update_counter.sample - update_counter.last_update_samples, update_counter.sample
+        if self.batch_size is not None:
+            return (update_counter.update - 1) * self.batch_size, update_counter.update * self.batch_size
+        raise ValueError(
+            f"{self.name}: every_n_samples={self.every_n_samples} needs sample counts, but the training loop "
+            "reports none; give UpdateCounter(effective_batch_size=...), pass num_samples to after_update, "
+            "or set batch_size in the callback's config"
+        )
+
+    def update_interval(self, update_counter: UpdateCounter) -> Optional[IntervalType]:
+        """The interval that fires after the current update, if any (updates before samples)."""
+        if self.every_n_updates is not None and update_counter.update % self.every_n_updates == 0:
+            return IntervalType.UPDATE
+        if self.every_n_samples is not None:
+            before, after = self._sample_window(update_counter)
+            if before // self.every_n_samples < after // self.every_n_samples:
+                return IntervalType.SAMPLE
+        return None
+
+    def epoch_fires(self, update_counter: UpdateCounter) -> bool:
+        """True when the epoch just completed is on the epoch schedule."""
+        return (self.every_n_epochs is not None and update_counter.epoch > 0
+                and update_counter.epoch % self.every_n_epochs == 0)
+
+    def fires(self, hook: Hook | str, update_counter: UpdateCounter) -> bool:
+        """Whether :meth:`periodic_callback` runs in ``hook`` at this position."""
+        hook = Hook(hook)
+        if hook is Hook.AFTER_UPDATE:
+            return self.update_interval(update_counter) is not None
+        if hook is Hook.AFTER_EPOCH:
+            return self.epoch_fires(update_counter)
+        return hook is Hook.AT_EVAL
+
+    # ------------------------------------------------------------------ hooks
+    @torch.no_grad()
+    def after_update(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Run :meth:`periodic_callback` when the update or sample schedule fires."""
+        interval = self.update_interval(update_counter)
+        if interval is not None:
+            self.periodic_callback(interval_type=interval, update_counter=update_counter, **kwargs)
+
+    @torch.no_grad()
+    def after_epoch(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Run :meth:`periodic_callback` when the epoch schedule fires."""
+        if self.epoch_fires(update_counter):
+            self.periodic_callback(interval_type=IntervalType.EPOCH, update_counter=update_counter, **kwargs)
+
+    @torch.no_grad()
+    def at_eval(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Run :meth:`periodic_callback` with ``IntervalType.EVAL``."""
+        self.periodic_callback(interval_type=IntervalType.EVAL, update_counter=update_counter, **kwargs)
+
+    @torch.no_grad()
+    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs) -> None:
+        """The periodic work: evaluate, save, log. Override this."""

@@ -1,0 +1,233 @@
+"""Pydantic configs of the callbacks; every error names the field to change.
+
+[Note: dispatch by kind]
+Validating the base :class:`CallbackConfig` (a list entry, an ``eval_callbacks``
+child) reads ``kind``, resolves it through the registry and validates the data
+with the config class of that callback, so nested configs are discriminated by
+``kind`` and their errors carry the full location (``eval_callbacks.0.dataset_key``).
+Validating a concrete config checks that ``kind``, when given, names a callback it
+configures, and fills it in otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, Optional
+
+import torch
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
+
+from .._shards import check_model_paths
+from ._registry import kinds_of_config, known_kinds, resolve_kind
+
+PositiveStrictInt = Annotated[int, Field(gt=0, strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+
+SHADOW_DTYPES: dict[str, Optional[torch.dtype]] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "live": None,  # each shadow in its live tensor's dtype
+}
+
+
+def field_error(title: str, loc: tuple, message: str, value: Any) -> ValidationError:
+    """A ValidationError located at ``loc`` (used by checks that span several fields)."""
+    return ValidationError.from_exception_data(
+        title, [dict(type=PydanticCustomError("invalid_config", "{message}", {"message": message}),
+                     loc=loc, input=value)])
+
+
+class CallbackConfig(BaseModel):
+    """Base config of every callback: ``kind`` picks the callback class (see [Note: kinds]).
+
+    Validating this base class with a mapping dispatches to the config class of the
+    named callback, so ``CallbackConfig.model_validate({"kind": "EmaCallback", ...})``
+    returns an :class:`EmaCallbackConfig`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    """Short name (``EmaCallback``) or dotted import path of a registered callback."""
+    name: Optional[str] = None
+    """Display name used in logs and as the key of the callback's state (default: ``kind``)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _dispatch_on_kind(cls, data: Any, handler):
+        if not isinstance(data, dict):
+            return handler(data)
+        data = dict(data)
+        if "kind" not in data:
+            defaults = kinds_of_config(cls)
+            if len(defaults) != 1:
+                choices = ", ".join(defaults) if defaults else known_kinds()
+                raise field_error(cls.__name__, ("kind",), f"kind is missing; name the callback, one of: {choices}",
+                                  None)
+            data["kind"] = defaults[0]
+        try:
+            short, klass = resolve_kind(data["kind"])
+        except ValueError as exc:
+            raise field_error(cls.__name__, ("kind",), str(exc), data["kind"]) from None
+        target = klass.config_class
+        data["kind"] = short
+        if target is cls:
+            return handler(data)
+        if issubclass(target, cls):
+            return target.model_validate(data)
+        raise field_error(cls.__name__, ("kind",),
+                          f"kind {short!r} is configured by {target.__name__}, not {cls.__name__}", short)
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("name must not be blank; leave it out to use the kind")
+        return value
+
+    @property
+    def display_name(self) -> str:
+        """``name`` when given, else ``kind``."""
+        return self.name or self.kind
+
+
+class PeriodicCallbackConfig(CallbackConfig):
+    """A callback that runs every n epochs, updates and/or samples (any that are set)."""
+
+    every_n_epochs: Optional[PositiveStrictInt] = None
+    """Run after every n-th completed epoch."""
+    every_n_updates: Optional[PositiveStrictInt] = None
+    """Run after every n-th optimizer update."""
+    every_n_samples: Optional[PositiveStrictInt] = None
+    """Run after the update during which the sample count crossed a multiple of n."""
+    batch_size: Optional[PositiveStrictInt] = None
+    """Samples per update for ``every_n_samples`` when the training loop does not count
+    samples (its UpdateCounter has no effective batch size); ignored otherwise."""
+
+    @model_validator(mode="after")
+    def _batch_size_needs_samples(self):
+        if self.batch_size is not None and self.every_n_samples is None:
+            raise field_error(type(self).__name__, ("batch_size",),
+                              f"batch_size={self.batch_size} is only used by every_n_samples; set every_n_samples "
+                              "or remove batch_size", self.batch_size)
+        return self
+
+    @property
+    def has_schedule(self) -> bool:
+        """True when at least one of the ``every_n_*`` fields is set."""
+        return any(v is not None for v in (self.every_n_epochs, self.every_n_updates, self.every_n_samples))
+
+
+def _no_callback_kind_nesting(parent: str, children: list) -> None:
+    for i, child in enumerate(children):
+        if isinstance(child, EmaCallbackConfig):
+            raise field_error(parent, ("eval_callbacks", i, "kind"),
+                              "an EmaCallback cannot be an eval callback of another EmaCallback; "
+                              "list it at the top level", child.kind)
+
+
+class EmaCallbackConfig(PeriodicCallbackConfig):
+    """Config of :class:`EmaCallback` (the seed's fields plus the engine's options).
+
+    The periodic fields schedule the saves with the iteration tag (``save_weights``)
+    and of ``cp=latest`` (``save_latest_weights``); the EMA itself is updated after
+    every optimizer update.
+    """
+
+    model_paths: Optional[list[Optional[str]]] = None
+    """Dotted submodule paths averaged separately (``None``: the whole model)."""
+    target_factors: list[float] = Field(default_factory=lambda: [0.9999])
+    """Decays in (0, 1), distinct; eval callbacks run once per factor."""
+    save_weights: StrictBool = False
+    """Save ``cp=<iteration tag>`` (``E{e}_U{u}_S{s}``) on the periodic schedule."""
+    save_last_weights: StrictBool = True
+    """Save ``cp=last`` after training (independent of ``save_weights``)."""
+    save_latest_weights: StrictBool = True
+    """Save ``cp=latest`` on the periodic schedule (overwritten each time)."""
+    eval_callbacks: list[SerializeAsAny[CallbackConfig]] = Field(default_factory=list)
+    """Callbacks run with the EMA weights swapped in, each on its own schedule."""
+    root: Optional[str] = None
+    """Checkpoint directory; default: the runner's ``ema_root`` (``<run_dir>/ema``)."""
+    strict_resume: StrictBool = False
+    """On resume, raise instead of warning when no committed checkpoint exists."""
+    shadow_dtype: Literal["float32", "float64", "bfloat16", "float16", "live"] = "float32"
+    """Dtype of the EMA shadows (``live``: each tensor's own dtype)."""
+    buffers: Literal["copy", "average", "ignore"] = "copy"
+    """Buffer policy of the engine."""
+    schedule: Literal["constant", "warmup", "power"] = "constant"
+    """Decay schedule of the engine (see ``shardema.DecaySchedule``)."""
+    inv_gamma: float = Field(1.0, gt=0)
+    """``power`` schedule parameter."""
+    power: float = Field(2 / 3, gt=0)
+    """``power`` schedule parameter."""
+    update_every: PositiveStrictInt = 1
+    """Average on every k-th optimizer update only."""
+    start_step: Annotated[int, Field(ge=0, strict=True)] = 0
+    """Updates before this step copy the live weights instead of averaging."""
+    include_frozen: StrictBool = True
+    """Also average parameters with ``requires_grad=False``."""
+
+    @field_validator("eval_callbacks", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value):
+        return [] if value is None else value
+
+    @field_validator("model_paths")
+    @classmethod
+    def _check_model_paths(cls, value):
+        if value is None:
+            return None
+        for path in value:
+            if path is not None and (not path or path != path.strip(".") or ".." in path or " " in path):
+                raise ValueError(f"model path {path!r} is not a dotted submodule path such as 'encoder' or 'blocks.0'")
+        return check_model_paths(value)
+
+    @field_validator("target_factors")
+    @classmethod
+    def _check_factors(cls, value):
+        if not value:
+            raise ValueError("target_factors is empty; give at least one decay in (0, 1), e.g. [0.9999]")
+        for f in value:
+            if math.isnan(f) or not (0.0 < f < 1.0):
+                raise ValueError(f"target factor {f!r} is outside (0, 1); use a decay such as 0.999 or 0.9999")
+        duplicated = sorted({f for f in value if value.count(f) > 1})
+        if duplicated:
+            raise ValueError(f"target factors {duplicated} are given more than once; give each decay once")
+        return value
+
+    @model_validator(mode="after")
+    def _saves_need_a_schedule(self):
+        periodic_saves = [f for f in ("save_weights", "save_latest_weights") if getattr(self, f)]
+        if periodic_saves and not self.has_schedule:
+            raise field_error(type(self).__name__, ("every_n_epochs",),
+                              f"{' and '.join(periodic_saves)} save on the periodic schedule, but none is set; "
+                              "set every_n_epochs, every_n_updates or every_n_samples, or set them to false",
+                              None)
+        _no_callback_kind_nesting(type(self).__name__, self.eval_callbacks)
+        return self
+
+    @property
+    def torch_shadow_dtype(self) -> Optional[torch.dtype]:
+        """``shadow_dtype`` as a torch dtype (``None`` for ``live``)."""
+        return SHADOW_DTYPES[self.shadow_dtype]
+
+
+class OfflineLossCallbackConfig(PeriodicCallbackConfig):
+    """Config of :class:`OfflineLossCallback`: the mean loss over one named dataset."""
+
+    dataset_key: str = Field(min_length=1)
+    """Key of the loader in the runner's ``datasets`` mapping (e.g. ``val``)."""
+    metric_key: Optional[str] = None
+    """Metric name (default ``loss/<dataset_key>``)."""
+
+    @field_validator("dataset_key", "metric_key")
+    @classmethod
+    def _not_blank(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value
+

@@ -1,0 +1,312 @@
+"""ShardedEMA in one process: values against float64 loops and closed forms, memory, bad input."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import shardema
+from shardema import DecaySchedule, ShardedEMA
+from shardema._kernels import LerpPlan, lerp_loop_reference
+
+
+class TwoTower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 4))
+        self.decoder = nn.Sequential(nn.Linear(4, 3))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+
+def _perturb(model, generator):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        for b in model.buffers():
+            if b.dtype.is_floating_point:
+                b.add_(torch.randn(b.shape, generator=generator, dtype=b.dtype))
+            else:
+                b.add_(1)
+
+
+def _float64_reference(model, factors, steps, decay_fn, blend_buffers=False):
+    """EMA of the same trajectory as a plain float64 per-tensor loop."""
+    generator = torch.Generator().manual_seed(1)
+    names = [n for n, _ in model.named_parameters()]
+    if blend_buffers:
+        names += [n for n, b in model.named_buffers() if b.dtype.is_floating_point]
+    state = dict(model.state_dict())
+    ema = {f: {n: state[n].double().clone() for n in names} for f in factors}
+    trajectory = []
+    for step in range(steps):
+        _perturb(model, generator)
+        state = dict(model.state_dict())
+        for f in factors:
+            d = decay_fn(f, step)
+            for n in names:
+                ema[f][n] = d * ema[f][n] + (1 - d) * state[n].double()
+        trajectory.append({n: state[n].clone() for n in state})
+    return ema, trajectory
+
+
+def test_foreach_plan_equals_float64_loop_for_all_factors_and_chunkings():
+    torch.manual_seed(0)
+    shapes = [(7, 3), (1,), (0, 4), (300,), (2, 2, 2)]
+    lives = [torch.randn(s) for s in shapes]
+    weights = [0.1, 0.01, 0.5]
+    for chunk in (1 << 18, 5):
+        shadows = [[torch.randn(s) for s in shapes] for _ in weights]
+        expected = [[s.clone() for s in row] for row in shadows]
+        LerpPlan(shadows, lives, chunk_numel=chunk, scratch=None).lerp(weights)
+        lerp_loop_reference(expected, lives, weights)
+        for row, ref_row in zip(shadows, expected):
+            for got, ref in zip(row, ref_row):
+                torch.testing.assert_close(got, ref, rtol=3e-7, atol=1e-7)  # within fp32 rounding of the exact value
+
+
+def test_foreach_plan_upcasts_bf16_through_a_bounded_scratch():
+    torch.manual_seed(0)
+    shapes = [(40, 3), (5,), (64,)]
+    lives = [torch.randn(s).bfloat16() for s in shapes]
+    weights = [0.25, 0.001]
+    shadows = [[torch.randn(s) for s in shapes] for _ in weights]
+    expected = [[s.clone() for s in row] for row in shadows]
+    scratch = torch.empty(16)  # smaller than the largest tensor: forces chunked batches
+    LerpPlan(shadows, lives, chunk_numel=1 << 18, scratch=scratch).lerp(weights)
+    lerp_loop_reference(expected, lives, weights)
+    for row, ref_row in zip(shadows, expected):
+        for got, ref in zip(row, ref_row):
+            torch.testing.assert_close(got, ref, rtol=3e-7, atol=1e-7)  # within fp32 rounding of the exact value
+
+
+@pytest.mark.parametrize("buffers", ["copy", "average", "ignore"])
+def test_ema_matches_float64_reference_over_a_trajectory(buffers):
+    torch.manual_seed(0)
+    model = TwoTower()
+    reference_model = TwoTower()
+    reference_model.load_state_dict(model.state_dict())
+    factors = [0.9, 0.99, 0.5]
+    ema = ShardedEMA(model, factors, buffers=buffers)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        _perturb(model, generator)
+        ema.update()
+    ref, trajectory = _float64_reference(reference_model, factors, 12, lambda f, s: f,
+                                         blend_buffers=buffers == "average")
+    assert ema.step == 12
+    for f in factors:
+        for name, value in ref[f].items():
+            torch.testing.assert_close(ema.shadow(f, (None, name)).double(), value, rtol=0, atol=1e-5)
+    last = trajectory[-1]
+    keys = {t.fqn for t in ema.tracked()}
+    if buffers == "ignore":
+        assert keys == {n for n, _ in model.named_parameters()}
+    else:
+        # integer buffers are always copied, never blended; "copy" copies float buffers too
+        assert torch.equal(ema.shadow(0.9, (None, "calls")), last["calls"])
+        assert ema.shadow(0.9, (None, "calls")).dtype == torch.long
+        if buffers == "copy":
+            assert torch.equal(ema.shadow(0.5, (None, "encoder.1.running_mean")), last["encoder.1.running_mean"])
+
+
+def _closed_form_decay(kind, f, n, inv_gamma=1.0, power=2 / 3):
+    if kind == "constant":
+        return f
+    if kind == "warmup":
+        return min(f, (1 + n) / (10 + n))
+    return min(f, 1 - (1 + n / inv_gamma) ** -power)
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("constant", {}), ("warmup", {}), ("power", {}), ("power", {"inv_gamma": 3.0, "power": 0.75}),
+])
+def test_schedule_decays_equal_their_closed_form(kind, options):
+    schedule = DecaySchedule(kind=kind, **options)
+    for n in [0, 1, 2, 5, 10, 100, 10_000, 10**7]:
+        for f in (0.9, 0.999, 0.9999):
+            assert schedule.decay(f, n) == pytest.approx(_closed_form_decay(kind, f, n, **options), rel=1e-12)
+    assert DecaySchedule(kind="warmup").decay(0.9999, 0) == pytest.approx(0.1)
+    assert DecaySchedule(kind="power").decay(0.9999, 0) == 0.0
+
+
+@pytest.mark.parametrize("kind,update_every,start_step", [
+    ("constant", 1, 0), ("warmup", 1, 0), ("power", 1, 0), ("constant", 3, 0), ("warmup", 2, 4), ("constant", 1, 5),
+])
+def test_ema_of_a_step_sequence_equals_the_closed_form(kind, update_every, start_step):
+    """Live weight a, then c forever: after the calls, shadow = c + (a - c) * prod(decays applied)."""
+    model = nn.Linear(1, 1, bias=False)
+    a, c = 2.0, -1.0
+    with torch.no_grad():
+        model.weight.fill_(a)
+    factors = [0.9, 0.7]
+    ema = ShardedEMA(model, factors, schedule=kind, update_every=update_every, start_step=start_step,
+                     shadow_dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.fill_(c)
+    calls = 17
+    for _ in range(calls):
+        ema.update()
+    for f in factors:
+        product = 1.0
+        for step in range(calls):
+            if step < start_step:
+                product = 0.0  # tracking: the shadow equals the live weight
+            elif (step - start_step) % update_every == 0:
+                product *= _closed_form_decay(kind, f, step - start_step)
+        expected = c + (a - c) * product
+        assert ema.shadow(f, (None, "weight")).item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_shadow_bytes_are_exactly_local_numel_times_factors_times_dtype():
+    model = TwoTower()
+    numel = sum(p.numel() for p in model.parameters())
+    for dtype, size in [(torch.float32, 4), (torch.float64, 8), (torch.bfloat16, 2)]:
+        ema = ShardedEMA(model, [0.9, 0.99, 0.999], shadow_dtype=dtype, buffers="ignore")
+        assert ema.shadow_bytes == numel * 3 * size
+    ema = ShardedEMA(model, [0.9], buffers="average")
+    float_buffers = sum(b.numel() for b in model.buffers() if b.dtype.is_floating_point)
+    assert ema.shadow_bytes == (numel + float_buffers) * 4
+    assert ema.copied_bytes == 16  # the int64 counter and BatchNorm's num_batches_tracked
+    assert ema.scratch_bytes == 0
+
+
+def test_bf16_live_with_fp32_shadows_matches_float64_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 3)).bfloat16()
+    ema = ShardedEMA(model, [0.99, 0.9], upcast_scratch_bytes=64)  # 16 fp32 elements: many batches
+    assert ema.scratch_bytes == 64
+    assert ema.shadow(0.99, (None, "0.weight")).dtype == torch.float32
+    ref = {f: {n: p.double().clone() for n, p in model.named_parameters()} for f in (0.99, 0.9)}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        for f in ref:
+            for n, p in model.named_parameters():
+                ref[f][n] = f * ref[f][n] + (1 - f) * p.double()
+    for f in ref:
+        for n in ref[f]:
+            torch.testing.assert_close(ema.shadow(f, (None, n)).double(), ref[f][n], rtol=0, atol=1e-5)
+
+
+def test_model_paths_keys_are_relative_and_wrapper_prefixes_removed():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = TwoTower()
+    model.encoder[2] = checkpoint_wrapper(model.encoder[2])
+    compiled = torch.compile(model)  # lazily compiled: only the `_orig_mod.` wrapper matters here
+    ema = ShardedEMA(compiled, [0.9], model_paths=["encoder", "decoder"], buffers="ignore")
+    keys = {(t.model_path, t.fqn) for t in ema.tracked()}
+    assert keys == {("encoder", "0.weight"), ("encoder", "0.bias"), ("encoder", "1.weight"), ("encoder", "1.bias"),
+                    ("encoder", "2.weight"), ("encoder", "2.bias"), ("decoder", "0.weight"), ("decoder", "0.bias")}
+    assert ema.model_paths == ("encoder", "decoder")
+    # a wrapped path component may be given or left out
+    assert len(ShardedEMA(compiled, 0.9, model_paths="encoder.2").tracked()) == 2
+    sd = ema.state_dict()
+    assert "ema=0.9/encoder/2.weight" in sd and sd["step"] == 0
+
+
+def test_frozen_parameters_can_be_skipped():
+    model = TwoTower()
+    model.decoder.requires_grad_(False)
+    with_frozen = {t.fqn for t in ShardedEMA(model, 0.9, buffers="ignore").tracked()}
+    without = {t.fqn for t in ShardedEMA(model, 0.9, buffers="ignore", include_frozen=False).tracked()}
+    assert with_frozen - without == {"decoder.0.weight", "decoder.0.bias"}
+    with pytest.raises(ValueError, match="'decoder' has no parameters.*include_frozen=True"):
+        ShardedEMA(model, 0.9, model_paths=["decoder"], include_frozen=False)
+
+
+def test_state_dict_round_trip_restores_values_step_and_schedule():
+    torch.manual_seed(0)
+    model = TwoTower()
+    ema = ShardedEMA(model, [0.9, 0.99], schedule="warmup")
+    _perturb(model, torch.Generator().manual_seed(3))
+    ema.update()
+    ema.update()
+    saved = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in ema.state_dict().items()}
+    other = ShardedEMA(TwoTower(), [0.9, 0.99])
+    other.load_state_dict(saved)
+    assert other.step == 2 and other.schedule.kind == "warmup"
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(other.state_dict()[key], value)
+    broken = dict(saved)
+    del broken["ema=0.9/model/decoder.0.bias"]
+    broken["ema=0.9/model/decoder.0.weight"] = torch.zeros(9, 9)
+    broken["ema=0.9/model/nope"] = torch.zeros(1)
+    with pytest.raises(RuntimeError) as info:
+        other.load_state_dict(broken)
+    text = str(info.value)
+    assert "missing key ema=0.9/model/decoder.0.bias" in text
+    assert "unexpected key ema=0.9/model/nope" in text
+    assert "ema=0.9/model/decoder.0.weight: shape (9, 9)" in text
+
+
+@pytest.mark.parametrize("factors,message", [
+    ([1.0], "target factor 1.0 is outside \\(0, 1\\)"),
+    ([0.0], "target factor 0.0 is outside"),
+    ([-0.5], "target factor -0.5 is outside"),
+    ([float("nan")], "target factor nan is outside"),
+    ([0.9, 0.99, 0.9], "target factors \\[0.9\\] are given more than once"),
+    ([], "target_factors is empty"),
+])
+def test_bad_factors_are_rejected_naming_the_value(factors, message):
+    with pytest.raises(ValueError, match=message):
+        ShardedEMA(TwoTower(), factors)
+
+
+def test_bad_model_paths_are_rejected_with_the_valid_names():
+    model = TwoTower()
+    with pytest.raises(ValueError, match="unknown model path 'encodr'.*valid children of the model: decoder, encoder"):
+        ShardedEMA(model, 0.9, model_paths=["encodr"])
+    with pytest.raises(ValueError, match="unknown model path 'encoder.7'.*module 'encoder' has no child '7'.*0, 1, 2"):
+        ShardedEMA(model, 0.9, model_paths=["encoder.7"])
+    with pytest.raises(ValueError, match="model paths 'encoder' and 'encoder.0' overlap"):
+        ShardedEMA(model, 0.9, model_paths=["encoder", "encoder.0"])
+    with pytest.raises(ValueError, match="overlap"):
+        ShardedEMA(model, 0.9, model_paths=["decoder", None])
+    with pytest.raises(ValueError, match="model paths 'decoder' and 'decoder' overlap"):
+        ShardedEMA(model, 0.9, model_paths=["decoder", "decoder"])
+    with pytest.raises(ValueError, match="'encoder.1' has no parameters"):
+        model.encoder[1] = nn.ReLU()
+        ShardedEMA(model, 0.9, model_paths=["encoder.1"])
+
+
+def test_other_bad_options_are_rejected():
+    model = TwoTower()
+    with pytest.raises(ValueError, match="buffers='mean' is not a buffers policy"):
+        ShardedEMA(model, 0.9, buffers="mean")
+    with pytest.raises(ValueError, match="schedule='cosine' is not a schedule"):
+        ShardedEMA(model, 0.9, schedule="cosine")
+    with pytest.raises(ValueError, match="shadow_dtype=torch.int32"):
+        ShardedEMA(model, 0.9, shadow_dtype=torch.int32)
+    with pytest.raises(ValueError, match="update_every"):
+        ShardedEMA(model, 0.9, update_every=0)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        ShardedEMA({"weight": torch.zeros(1)}, 0.9)
+    with pytest.raises(ValueError, match="factor 0.5 is not one of this EMA's target factors \\[0.9\\]"):
+        ShardedEMA(model, 0.9).shadow(0.5, (None, "decoder.0.weight"))
+
+
+def test_update_after_the_parameter_set_changed_names_the_fqn():
+    model = TwoTower()
+    ema = ShardedEMA(model, 0.9)
+    del model.decoder[0]._parameters["bias"]
+    with pytest.raises(RuntimeError, match="'decoder.0.bias'.*no longer registered"):
+        ema.update()
+    model = TwoTower()
+    ema = ShardedEMA(model, 0.9)
+    model.decoder[0].weight = nn.Parameter(torch.zeros(7, 4))
+    with pytest.raises(RuntimeError, match="'decoder.0.weight'.*local shape \\(7, 4\\).*expected \\(3, 4\\)"):
+        ema.update()
+
+
+def test_a_replaced_parameter_of_the_same_shape_is_followed():
+    model = nn.Linear(2, 2)
+    initial = model.weight.detach().clone()
+    ema = ShardedEMA(model, 0.5, buffers="ignore")
+    model.weight = nn.Parameter(torch.full((2, 2), 4.0))  # a new object: the cached plan is rebuilt
+    ema.update()
+    torch.testing.assert_close(ema.shadow(0.5, (None, "weight")), 0.5 * initial + 0.5 * 4.0)
