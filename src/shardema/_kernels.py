@@ -1,27 +1,52 @@
 """Fused foreach EMA kernels, plus the float64 loop they are tested against.
 
 [Note: one call for all factors]
-With K target factors the shadows of one (device, dtype) group are updated by a
-single ``torch._foreach_lerp_`` whose tensor lists hold every (factor, tensor)
-pair and whose weights are a scalar list (``1 - decay_k`` per pair). When K > 1
-the pairs are ordered chunk by chunk (``s1[c], s2[c], ..., sK[c]``, all reading the
-same live chunk ``l[c]``) so the live chunk is still in cache for factors 2..K:
-the update then moves close to (4 + 8K) bytes per fp32 element instead of 12K.
+With K target factors the shadows of one (device, dtype) group are updated by
+foreach lerps whose tensor lists hold every (factor, tensor) pair and whose weights
+are a scalar list (``1 - decay_k`` per pair). When K > 1 the pairs are ordered chunk
+by chunk (``s1[c], s2[c], ..., sK[c]``, all reading the same live chunk ``l[c]``) so
+the live chunk is still in cache for factors 2..K: the update then moves close to
+(4 + 8K) bytes per fp32 element instead of 12K.
 
 [Note: mixed dtypes]
 ``_foreach_lerp_`` needs the live and shadow tensors in the same dtype. For a
 bf16/fp16 live shard with fp32 shadows, live chunks are first copied into a
 preallocated fp32 scratch buffer of bounded size (``scratch_numel`` elements),
 batch by batch, so the upcast never costs more than that buffer.
+
+[Note: CPU execution]
+On CPU, ATen splits one elementwise op over its threads once the op has more than
+``CPU_PIECE_NUMEL`` (ATen's grain size) elements, opening and joining a parallel
+region per op. A plan of hundreds of chunks would pay hundreds of joins per update,
+and every join waits for the slowest thread: on cores shared with data loaders or
+other jobs that wait dominates (measured 10x slower than one ``lerp_`` of the same
+bytes). So on CPU a plan cuts the work into pieces of at most ``CPU_PIECE_NUMEL``
+elements, which ATen runs serially, and gives ``torch.get_num_threads()`` workers
+one contiguous, equal-sized share each: one join per update. Upcast batches are
+kept small (``CPU_BATCH_NUMEL``) so each worker's scratch stays in its L2 cache and
+the live shard is read from memory once. On other devices a plan is one sequence of
+foreach calls, as described above.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Sequence
 
 import torch
 
 LERP_TAKES_SCALAR_LIST = "ScalarList" in torch.ops.aten._foreach_lerp_.overloads()
+
+CPU_PIECE_NUMEL = 32768
+"""Largest CPU piece: ATen's grain size, below which an elementwise op runs on one thread."""
+
+CPU_BATCH_NUMEL = 1 << 18
+"""Elements per upcast batch of one CPU worker (1 MiB of fp32 scratch: stays in L2)."""
+
+MIN_PARALLEL_NUMEL = 1 << 20
+"""Below this many (element x factor) updates per call a CPU plan runs on the calling thread."""
 
 
 def foreach_lerp_(selfs: list[torch.Tensor], ends: list[torch.Tensor], weights: list[float]) -> None:
@@ -55,6 +80,56 @@ def _flat_chunks(tensor: torch.Tensor, chunk_numel: int) -> list[torch.Tensor]:
     return [flat[i:i + chunk_numel] for i in range(0, flat.numel(), chunk_numel)]
 
 
+class _Batch(NamedTuple):
+    """One foreach lerp (preceded by one foreach upcast copy when ``copy_dst`` is set)."""
+
+    selfs: list[torch.Tensor]
+    ends: list[torch.Tensor]
+    factor_of: list[int]
+    copy_dst: list[torch.Tensor]
+    copy_src: list[torch.Tensor]
+
+
+# A piece of work: (the shadow chunk of each factor, the live chunk they all read).
+_Piece = tuple[list[torch.Tensor], torch.Tensor]
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least ``workers`` threads (recreated after a fork)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardema"))
+        return _pool[2]
+
+
+def _run_batches(batches: list[_Batch], weight_lists: list[list[float]]) -> None:
+    # Grad mode is thread-local: pool threads must disable it themselves (lives require grad).
+    with torch.no_grad():
+        for batch, weights in zip(batches, weight_lists):
+            if batch.copy_dst:
+                torch._foreach_copy_(batch.copy_dst, batch.copy_src)
+            foreach_lerp_(batch.selfs, batch.ends, weights)
+
+
+def _split_even(pieces: list[_Piece], parts: int) -> list[list[_Piece]]:
+    """Contiguous runs of ``pieces`` with about equal element counts (no empty run)."""
+    total = sum(p[1].numel() for p in pieces)
+    runs: list[list[_Piece]] = [[]]
+    done = 0
+    for piece in pieces:
+        if runs[-1] and len(runs) < parts and done >= total * len(runs) / parts:
+            runs.append([])
+        runs[-1].append(piece)
+        done += piece[1].numel()
+    return runs
+
+
 class LerpPlan:
     """Foreach argument lists for one group, valid while the live tensors are unchanged.
 
@@ -70,62 +145,113 @@ class LerpPlan:
         mixed = any(lives[i].dtype != shadows[0][i].dtype for i in keep)
         if mixed and scratch is None:
             raise AssertionError("a scratch buffer is needed for mixed live / shadow dtypes")
-        # (self, end, factor index) triples in update order, as chunk batches.
-        self._batches: list[tuple[list, list, list[int], list, list]] = []
         self._copy_selfs = [shadows[k][i] for i in keep for k in range(self.num_factors)]
         self._copy_srcs = [lives[i] for i in keep for _ in range(self.num_factors)]
-        split = mixed or self.num_factors > 1
-        if mixed:
-            chunk_numel = min(chunk_numel, scratch.numel())
-        pieces = []  # (shadow chunks per factor, live chunk)
+        on_cpu = bool(keep) and lives[keep[0]].device.type == "cpu"
+        # One list of batches per worker; worker 0 is the calling thread.
+        if on_cpu:
+            self._runs = self._plan_cpu(shadows, lives, keep, mixed, chunk_numel, scratch)
+        else:
+            self._runs = [self._plan_device(shadows, lives, keep, mixed, chunk_numel, scratch)]
+        self._weights_key: tuple[float, ...] | None = None
+        self._weight_lists: list[list[list[float]]] = []
+
+    # ------------------------------------------------------------------ planning
+    def _pieces(self, shadows, lives, keep, mixed, piece_numel, split) -> list[_Piece]:
+        pieces: list[_Piece] = []
         for i in keep:
             contiguous = lives[i].is_contiguous() and all(shadows[k][i].is_contiguous() for k in range(self.num_factors))
             if split and contiguous:
-                live_chunks = _flat_chunks(lives[i], chunk_numel)
-                shadow_chunks = [_flat_chunks(shadows[k][i], chunk_numel) for k in range(self.num_factors)]
+                live_chunks = _flat_chunks(lives[i], piece_numel)
+                shadow_chunks = [_flat_chunks(shadows[k][i], piece_numel) for k in range(self.num_factors)]
                 pieces += [([sc[c] for sc in shadow_chunks], live_chunks[c]) for c in range(len(live_chunks))]
             elif mixed:
                 raise NotImplementedError("non-contiguous bf16/fp16 live tensors with a different shadow dtype")
             else:
                 pieces.append(([shadows[k][i] for k in range(self.num_factors)], lives[i]))
+        return pieces
+
+    def _plan_device(self, shadows, lives, keep, mixed, chunk_numel, scratch) -> list[_Batch]:
+        split = mixed or self.num_factors > 1
+        if mixed:
+            chunk_numel = min(chunk_numel, scratch.numel())
+        pieces = self._pieces(shadows, lives, keep, mixed, chunk_numel, split)
         if not mixed:
-            self._batches.append(self._lists(pieces, None))
-            return
-        batch, used = [], 0
+            return [self._batch(pieces, None)]
+        return self._scratch_batches(pieces, scratch)
+
+    def _plan_cpu(self, shadows, lives, keep, mixed, chunk_numel, scratch) -> list[list[_Batch]]:
+        total = sum(lives[i].numel() for i in keep)
+        workers = max(1, torch.get_num_threads())
+        if total * self.num_factors < MIN_PARALLEL_NUMEL:
+            workers = 1
+        piece_numel = min(chunk_numel, CPU_PIECE_NUMEL)
+        if mixed:
+            workers = min(workers, scratch.numel())
+            share = scratch.numel() // workers
+            batch_numel = min(share, CPU_BATCH_NUMEL)
+            piece_numel = min(piece_numel, batch_numel)
+        pieces = self._pieces(shadows, lives, keep, mixed, piece_numel, split=True)
+        runs = _split_even(pieces, workers)
+        if not mixed:
+            return [[self._batch(run, None)] for run in runs]
+        return [self._scratch_batches(run, scratch[w * share:w * share + batch_numel]) for w, run in enumerate(runs)]
+
+    def _scratch_batches(self, pieces: list[_Piece], scratch: torch.Tensor) -> list[_Batch]:
+        batches, batch, used = [], [], 0
         for piece in pieces:
             n = piece[1].numel()
             if used + n > scratch.numel():
-                self._batches.append(self._lists(batch, scratch))
+                batches.append(self._batch(batch, scratch))
                 batch, used = [], 0
             batch.append(piece)
             used += n
         if batch:
-            self._batches.append(self._lists(batch, scratch))
+            batches.append(self._batch(batch, scratch))
+        return batches
 
-    def _lists(self, pieces, scratch):
-        selfs, ends, factor_of, copy_dst, copy_src = [], [], [], [], []
+    @staticmethod
+    def _batch(pieces: list[_Piece], scratch: torch.Tensor | None) -> _Batch:
+        batch = _Batch([], [], [], [], [])
         offset = 0
         for shadow_chunks, live_chunk in pieces:
             end = live_chunk
             if scratch is not None:
                 end = scratch[offset:offset + live_chunk.numel()].view(live_chunk.shape)
                 offset += live_chunk.numel()
-                copy_dst.append(end)
-                copy_src.append(live_chunk)
+                batch.copy_dst.append(end)
+                batch.copy_src.append(live_chunk)
             for k, shadow_chunk in enumerate(shadow_chunks):
-                selfs.append(shadow_chunk)
-                ends.append(end)
-                factor_of.append(k)
-        return selfs, ends, factor_of, copy_dst, copy_src
+                batch.selfs.append(shadow_chunk)
+                batch.ends.append(end)
+                batch.factor_of.append(k)
+        return batch
+
+    # ------------------------------------------------------------------ execution
+    def _weights_for(self, weights: Sequence[float]) -> list[list[list[float]]]:
+        key = tuple(float(w) for w in weights)
+        if key != self._weights_key:  # constant schedules rebuild nothing after the first call
+            self._weight_lists = [[[key[k] for k in b.factor_of] for b in run] for run in self._runs]
+            self._weights_key = key
+        return self._weight_lists
 
     def lerp(self, weights: Sequence[float]) -> None:
         """Move every shadow of factor k towards its live tensor by ``weights[k]``."""
-        for selfs, ends, factor_of, copy_dst, copy_src in self._batches:
-            if not selfs:
-                continue
-            if copy_dst:
-                torch._foreach_copy_(copy_dst, copy_src)
-            foreach_lerp_(selfs, ends, [weights[k] for k in factor_of])
+        runs = [(run, w) for run, w in zip(self._runs, self._weights_for(weights)) if any(b.selfs for b in run)]
+        if not runs:
+            return
+        if len(runs) == 1:
+            _run_batches(*runs[0])
+            return
+        pool = _cpu_pool(len(runs) - 1)
+        futures = [pool.submit(_run_batches, run, w) for run, w in runs[1:]]
+        try:
+            _run_batches(*runs[0])
+        finally:
+            errors = [f.exception() for f in futures]  # waits: no worker may still write after return
+        for error in errors:
+            if error is not None:
+                raise error
 
     def copy(self) -> None:
         """Set every shadow to its live tensor (casting to the shadow dtype)."""

@@ -36,6 +36,7 @@ import torch
 
 from . import _dist
 from ._log import logger
+from ._shards import check_model_paths
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._ema import ShardedEMA
@@ -114,17 +115,18 @@ class _Swap:
         self.ema = ema
         self.targets = [t for t in targets if t.local_numel > 0]
         self.shadows = [ema.shadow(k, t.key) for t in self.targets]
-        lives = self._resolve()
+        self._entry_lives = lives = self._resolve()
         exchange = [i for i, (live, shadow) in enumerate(zip(lives, self.shadows))
                     if live.dtype == shadow.dtype and live.is_contiguous() and shadow.is_contiguous()]
         chosen = set(exchange)
         self.backed = [i for i in range(len(self.targets)) if i not in chosen]
-        self.batches = self._plan_exchange(lives, exchange, scratch_limit)
-        self.scratch = self._allocate_scratch(lives, exchange, scratch_limit)
+        budget = self._scratch_budget(lives, exchange, scratch_limit)
+        self.batches = self._plan_exchange(lives, exchange, budget)
+        # Held until exit, so that restoring never needs to allocate.
+        self.scratch = {d: torch.empty(n, dtype=torch.uint8, device=d) for d, n in budget.items()}
         self.backups, self.on_host = self._allocate_backups(lives, backup_to_host)
-        self.batches_done = 0
-        self.backup_written = False
-        self.live_overwritten = False
+        self.batches_done = 0  # exchanged batches to exchange back
+        self.live_overwritten = False  # backed-up tensors to copy back
 
     # ------------------------------------------------------------------ planning
     def _resolve(self) -> list[torch.Tensor]:
@@ -146,8 +148,9 @@ class _Swap:
             widest[live.device] = max(widest.get(live.device, 1), live.element_size())
         return {d: max(min(scratch_limit, need[d]), widest[d]) for d in need}
 
-    def _plan_exchange(self, lives, exchange, scratch_limit) -> list[tuple[torch.device, torch.dtype, list[_Segment]]]:
-        budget = self._scratch_budget(lives, exchange, scratch_limit)
+    @staticmethod
+    def _plan_exchange(lives, exchange, budget) -> list[tuple[torch.device, torch.dtype, list[_Segment]]]:
+        """Batches of segments that fill the device's scratch (one dtype per batch)."""
         by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i in exchange:
             by_kind.setdefault((lives[i].device, lives[i].dtype), []).append(i)
@@ -169,11 +172,6 @@ class _Swap:
             if segments:
                 batches.append((device, dtype, segments))
         return batches
-
-    def _allocate_scratch(self, lives, exchange, scratch_limit) -> dict[torch.device, torch.Tensor]:
-        # Held until exit, so that restoring never needs to allocate.
-        budget = self._scratch_budget(lives, exchange, scratch_limit)
-        return {d: torch.empty(n, dtype=torch.uint8, device=d) for d, n in budget.items()}
 
     def _allocate_backups(self, lives, backup_to_host: bool) -> tuple[dict[int, torch.Tensor], bool]:
         # One flat buffer per (device, dtype); each backed-up tensor gets a view of it.
@@ -240,11 +238,10 @@ class _Swap:
 
     @torch.no_grad()
     def swap_in(self) -> None:
-        """Put the EMA values into the live local shards (steps 2-3 of the protocol)."""
-        lives = self._resolve()
+        """Put the EMA values into the live local shards (step 3 of the protocol)."""
+        lives, self._entry_lives = self._entry_lives, []
         backed = self.backed
         self._copy([self.backups[i] for i in backed], [lives[i] for i in backed], self.on_host)
-        self.backup_written = True
         self.live_overwritten = True
         self._copy([lives[i] for i in backed], [self.shadows[i] for i in backed], False)
         for batch in self.batches:
@@ -258,7 +255,7 @@ class _Swap:
         for batch in self.batches[:self.batches_done]:
             self._exchange(lives, batch)
         self.batches_done = 0
-        if self.backup_written and self.live_overwritten:
+        if self.live_overwritten:
             backed = self.backed
             self._copy([lives[i] for i in backed], [self.backups[i] for i in backed], self.on_host)
         self.live_overwritten = False
@@ -292,7 +289,7 @@ def swap_context(ema: ShardedEMA, factor: float, model_paths: Sequence[str | Non
     k = ema.factor_index(factor)
     factor = ema.target_factors[k]
     targets = ema.tracked(model_paths)
-    swapped_paths = ema.model_paths if model_paths is None else tuple(dict.fromkeys(t.model_path for t in targets))
+    swapped_paths = ema.model_paths if model_paths is None else tuple(check_model_paths(model_paths))
     limit = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"scratch_bytes={scratch_bytes!r} must be a positive int (bytes), e.g. 64 * 2**20")
@@ -308,7 +305,7 @@ def swap_context(ema: ShardedEMA, factor: float, model_paths: Sequence[str | Non
         swap = None
         try:
             swap = _Swap(ema, k, targets, limit, backup_to_host)
-            info = swap.info(factor, tuple(swapped_paths))
+            info = swap.info(factor, swapped_paths)
             swap.swap_in()
             logger.debug("swapped in EMA factor %r at step %d: %s", factor, ema.step, info)
         except BaseException as exc:

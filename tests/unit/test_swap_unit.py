@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import shardema
 from shardema import EMAState, ShardedEMA
 from shardema._swap import DEFAULT_SCRATCH_BYTES, SwapAbortedError, SwapInfo, _Swap, swap_context
 
@@ -182,7 +181,7 @@ def test_swap_before_first_update_puts_in_the_initial_weights():
         for p in model.parameters():
             p.mul_(3.0)
     snapshot = _snapshot(model)
-    with shardema.ShardedEMA.swapped(ema, 0.9):
+    with ema.swapped(0.9):
         for name, value in model.state_dict().items():
             assert torch.equal(value, initial[name]), name
     for name, value in model.state_dict().items():
@@ -304,3 +303,18 @@ def test_swap_aborted_error_names_ranks_and_pickles():
 def test_swap_info_extra_bytes_is_the_sum():
     info = SwapInfo(0.9, (None,), "mixed", 3, scratch_bytes=10, backup_bytes=6, backup_on_host=False)
     assert info.extra_bytes == 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host backups need CUDA")
+def test_backup_to_host_pins_the_backup_of_cuda_tensors():
+    model = _net(torch.bfloat16).cuda()
+    ema = ShardedEMA(model, FACTORS, buffers="ignore")
+    _train_plain(model, ema)
+    snapshot, shadows = _snapshot(model), _shadows(ema)
+    with swap_context(ema, 0.9, backup_to_host=True) as info:
+        for name, p in model.named_parameters():
+            assert torch.equal(p, ema.shadow(0.9, (None, name)).to(torch.bfloat16))
+    torch.cuda.synchronize()
+    _assert_bit_exact(model, snapshot, ema, shadows)
+    assert info.backup_on_host and info.mode == "backup"
+    assert info.backup_bytes == sum(p.numel() * 2 for p in model.parameters())

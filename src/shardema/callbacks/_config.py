@@ -146,7 +146,7 @@ class EmaCallbackConfig(PeriodicCallbackConfig):
     """Save ``cp=<iteration tag>`` (``E{e}_U{u}_S{s}``) on the periodic schedule."""
     save_last_weights: StrictBool = True
     """Save ``cp=last`` after training (independent of ``save_weights``)."""
-    save_latest_weights: StrictBool = True
+    save_latest_weights: StrictBool = False
     """Save ``cp=latest`` on the periodic schedule (overwritten each time)."""
     eval_callbacks: list[SerializeAsAny[CallbackConfig]] = Field(default_factory=list)
     """Callbacks run with the EMA weights swapped in, each on its own schedule."""
@@ -203,10 +203,11 @@ class EmaCallbackConfig(PeriodicCallbackConfig):
     def _saves_need_a_schedule(self):
         periodic_saves = [f for f in ("save_weights", "save_latest_weights") if getattr(self, f)]
         if periodic_saves and not self.has_schedule:
+            names = " and ".join(periodic_saves)
+            verb = "needs" if len(periodic_saves) == 1 else "need"
             raise field_error(type(self).__name__, ("every_n_epochs",),
-                              f"{' and '.join(periodic_saves)} save on the periodic schedule, but none is set; "
-                              "set every_n_epochs, every_n_updates or every_n_samples, or set them to false",
-                              None)
+                              f"{names} {verb} a periodic schedule, but none is set; set every_n_epochs, "
+                              f"every_n_updates or every_n_samples, or set {names} to false", None)
         _no_callback_kind_nesting(type(self).__name__, self.eval_callbacks)
         return self
 

@@ -165,7 +165,7 @@ class MultiWriter(MetricWriter):
 class PrefixedWriter(MetricWriter):
     """Prepends ``prefix`` to every key (the EMA callback uses ``ema=<factor>/``).
 
-    Flushing and closing are left to the owner of the wrapped writer.
+    Flushing reaches the wrapped writer; closing is left to its owner.
     """
 
     def __init__(self, writer: MetricWriter, prefix: str):
@@ -174,6 +174,9 @@ class PrefixedWriter(MetricWriter):
 
     def add_scalar(self, key, value, *, update_counter=None) -> None:
         self.writer.add_scalar(self.prefix + key, value, update_counter=update_counter)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
 
 def default_writer(run_dir: str | os.PathLike | None = None, *, tensorboard: bool = False) -> MetricWriter:

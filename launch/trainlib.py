@@ -1,0 +1,224 @@
+"""The example trainer's config, model set-up, model/optimizer checkpoints and report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import statistics
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import charlm
+from shardema.callbacks import CallbackConfig, CallbackRunner, EmaCallback, load_callback_configs
+
+log = logging.getLogger("shardema.train")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    width: int = Field(128, gt=0)
+    depth: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    context: int = Field(64, gt=1)
+
+
+class DataConfig(_Section):
+    corpus_bytes: int = Field(4_000_000, gt=0)
+    batch_size: int = Field(16, gt=0)
+    context: int = Field(64, gt=1)
+    val_batches: int = Field(16, gt=0)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class LoopConfig(_Section):
+    updates: int = Field(1500, gt=0)
+    checkpoint_every: int = Field(250, gt=0)
+    log_every: int = Field(50, gt=0)
+
+
+class TrainConfig(_Section):
+    """The whole YAML file: trainer sections plus the callbacks list."""
+
+    run_dir: str = "runs/charlm"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: LoopConfig = LoopConfig()
+    callbacks: list = Field(default_factory=list)
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _callbacks(cls, value):
+        return load_callback_configs(yaml.safe_dump(value or []))
+
+    @classmethod
+    def from_yaml(cls, path, *, run_dir: Optional[str] = None, updates: Optional[int] = None) -> "TrainConfig":
+        """Load and validate ``path``; ``run_dir`` / ``updates`` override the file."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if run_dir is not None:
+            data["run_dir"] = run_dir
+        if updates is not None:
+            data.setdefault("train", {})["updates"] = updates
+        config = cls.model_validate(data)
+        if config.model.context != config.data.context:
+            raise ValueError(f"model.context={config.model.context} must equal data.context={config.data.context}")
+        return config
+
+
+def build_model(config: ModelConfig, device: torch.device, *, mixed_precision: bool) -> torch.nn.Module:
+    """CharGPT with every block and the root sharded by FSDP2 (bf16 compute on CUDA)."""
+    model = charlm.CharGPT(config.width, config.depth, config.heads, config.context).to(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def _ema_callbacks(runner: CallbackRunner) -> list[EmaCallback]:
+    return [cb for cb in runner.all_callbacks() if isinstance(cb, EmaCallback)]
+
+
+class CheckpointManager:
+    """Model + optimizer checkpoints with torch.distributed.checkpoint, one folder per update.
+
+    ``<dir>/update_<N>/`` is committed when DCP's ``.metadata`` exists (DCP writes it last);
+    ``trainer_state.json`` (the callback runner's state) is written before DCP starts. The
+    newest ``keep`` committed folders are kept.
+
+    [Note: model and EMA at the same update]
+    The EMA is saved by ``EmaCallback`` inside ``runner.after_update``, the model right after;
+    a kill between the two leaves ``cp=latest`` of the EMA one interval ahead of the newest
+    model checkpoint. On resume the EMA is therefore loaded from the iteration tag of the
+    model's update (``save_weights: true`` on the checkpoint schedule) whenever ``cp=latest``
+    is at another step, so the continued run has exactly the EMA it would have had.
+    """
+
+    def __init__(self, directory: Path, keep: int = 2):
+        self.directory = directory
+        self.keep = keep
+
+    def _committed(self) -> list[tuple[int, Path]]:
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.glob("update_*"):
+            if (path / ".metadata").is_file() and (path / "trainer_state.json").is_file():
+                found.append((int(path.name.split("_")[1]), path))
+        return sorted(found)
+
+    def save(self, update: int, model, optimizer, runner: CallbackRunner) -> None:
+        """Collective: write ``update_<update>``; prune older committed folders."""
+        path = self.directory / f"update_{update:08d}"
+        if dist.get_rank() == 0:
+            if path.exists():
+                shutil.rmtree(path)  # an uncommitted leftover of a killed run
+            path.mkdir(parents=True)
+            tmp = path / "trainer_state.json.tmp"
+            tmp.write_text(json.dumps({"update": update, "runner": runner.state_dict()}))
+            os.replace(tmp, path / "trainer_state.json")
+        dist.barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            for _, old in self._committed()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self, model, optimizer, runner: CallbackRunner) -> int:
+        """Collective: load the newest committed checkpoint; returns its update (0 if none)."""
+        committed = self._committed()
+        if not committed:
+            return 0
+        update, path = committed[-1]
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        saved = json.loads((path / "trainer_state.json").read_text())
+        runner.resume_from_checkpoint(saved["runner"])
+        tag = runner.update_counter.iteration_tag
+        for cb in _ema_callbacks(runner):
+            if cb.ema is not None and cb.ema.step != update:
+                from shardema.checkpoint import load_ema
+
+                log.warning("%s: EMA cp=latest is at step %d, the model at update %d; loading cp=%s",
+                            cb.name, cb.ema.step, update, tag)
+                load_ema(cb.ema, cb.root, tag)
+        log.info("resumed from %s (update %d)", path, update)
+        return update
+
+
+def log_line(update: int, total: int, loss: float, step_seconds: list, ema_seconds: list) -> None:
+    """One progress line: update, loss, step time and callback (EMA update) time."""
+    log.info("update %d/%d  loss %.4f  step %.1f ms  ema+callbacks %.2f ms (median)", update, total, loss,
+             1e3 * statistics.median(step_seconds), 1e3 * statistics.median(ema_seconds))
+
+
+def write_report(run_dir: Path) -> None:
+    """``summary.md`` (table) and ``val_loss.png`` (live vs each EMA factor) from metrics.jsonl."""
+    rows: dict[int, dict[str, float]] = {}
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        key = record.get("key", "")
+        if key.endswith("loss/val"):
+            rows.setdefault(int(record["update"]), {})[key] = float(record["value"])
+    columns = sorted({k for r in rows.values() for k in r}, key=lambda k: (k != "loss/val", k))
+    header = "| update | " + " | ".join(_column_name(c) for c in columns) + " |"
+    lines = ["# Validation loss (nats per character): live vs EMA", "", header,
+             "|" + "---|" * (len(columns) + 1)]
+    for update in sorted(rows):
+        values = " | ".join(f"{rows[update][c]:.4f}" if c in rows[update] else "" for c in columns)
+        lines.append(f"| {update} | {values} |")
+    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install 'shardema[train]')")
+        return
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for column in columns:
+        points = sorted((u, r[column]) for u, r in rows.items() if column in r)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=_column_name(column))
+    axis.set_xlabel("update")
+    axis.set_ylabel("validation loss (nats/char)")
+    axis.set_title("Character GPT on the Python standard library: live vs EMA")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(run_dir / "val_loss.png", dpi=120)
+    log.info("wrote %s and %s", run_dir / "summary.md", run_dir / "val_loss.png")
+
+
+def _column_name(key: str) -> str:
+    return "live" if key == "loss/val" else key.split("/")[0]
+
+
+__all__ = ["TrainConfig", "build_model", "CheckpointManager", "log_line", "write_report", "CallbackConfig"]

@@ -1,0 +1,237 @@
+"""EmaCallback: keep, checkpoint and evaluate a ShardedEMA from any training loop.
+
+[Note: when the EMA weights are swapped in]
+At the eval-time hooks (``after_update``, ``after_epoch``, ``at_eval``) the callback
+first asks each child whether it fires at this position (:meth:`CallbackBase.fires`,
+a pure function of the config and the counter, so every rank gets the same
+answer). Only when at least one child of a factor fires does it enter
+``ema.swapped(factor)`` (a collective) and run that factor's children; otherwise
+nothing is swapped and no collective is issued. ``before_training``,
+``resume_from_checkpoint``, ``track_after_update_step`` and ``after_training`` reach the
+children without a swap, so they see the live weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import torch
+
+from .._ema import ShardedEMA
+from .._log import logger
+from ._base import CallbackBase, CallbackContext, Hook, IntervalType, PeriodicCallback
+from ._config import EmaCallbackConfig
+from ._counter import UpdateCounter
+from ._metrics import PrefixedWriter
+from ._registry import build_callback, register_callback
+
+
+def factor_prefix(factor: float) -> str:
+    """Metric prefix of one target factor: ``ema=<factor>/`` (``repr`` of the float)."""
+    return f"ema={float(factor)!r}/"
+
+
+@register_callback
+class EmaCallback(PeriodicCallback):
+    """EMA of the model's weights, with checkpoints and EMA-evaluated child callbacks.
+
+    - ``before_training`` (or ``resume_from_checkpoint``) creates the
+      :class:`~shardema.ShardedEMA` for ``model_paths`` / ``target_factors``; resuming
+      loads ``cp=latest``, else ``cp=last``, else starts from the live weights.
+    - ``track_after_update_step`` updates the EMA after every optimizer update.
+    - On the periodic schedule: ``cp=<iteration tag>`` when ``save_weights``,
+      ``cp=latest`` when ``save_latest_weights``.
+    - ``after_training``: ``cp=last`` when ``save_last_weights`` (independently of
+      ``save_weights``).
+    - ``eval_callbacks`` run once per target factor with that factor's EMA weights
+      swapped in, only when one of them fires (see the note in this module); their
+      metric keys are prefixed ``ema=<factor>/``.
+
+    Checkpoints go to ``config.root``, else the runner's ``ema_root``, else
+    ``<run_dir>/ema``. Every hook is collective when the model is distributed: all
+    ranks call the runner at the same points.
+    """
+
+    config_class: ClassVar = EmaCallbackConfig
+
+    def __init__(self, config: Optional[EmaCallbackConfig] = None, context: Optional[CallbackContext] = None):
+        super().__init__(config, context)
+        cfg: EmaCallbackConfig = self.config
+        self.model_paths = cfg.model_paths
+        self.target_factors = tuple(float(f) for f in cfg.target_factors)
+        self.save_weights = cfg.save_weights
+        self.save_last_weights = cfg.save_last_weights
+        self.save_latest_weights = cfg.save_latest_weights
+        self.root = self._resolve_root()
+        if self.root is None and (self.save_weights or self.save_latest_weights or self.save_last_weights):
+            raise ValueError(f"{self.name}: saving is enabled but there is no checkpoint directory; set root in "
+                             "the config or give the runner ema_root=... or run_dir=...")
+        self.ema: Optional[ShardedEMA] = None
+        self.resumed_from: Optional[str] = None
+        """What :meth:`resume_from_checkpoint` loaded: ``"latest"``, ``"last"`` or ``None`` (init)."""
+        self.saved_tags: list[str] = []
+        """Tags saved by this callback in this process, oldest first."""
+        self._saved_at: dict[str, str] = {}
+        self._saved_ema_step: Optional[int] = None
+        self.eval_callbacks: dict[float, list[CallbackBase]] = {
+            factor: [build_callback(child, self.context.replace(writer=PrefixedWriter(self.context.writer,
+                                                                                      factor_prefix(factor))))
+                     for child in cfg.eval_callbacks]
+            for factor in self.target_factors
+        }
+
+    def _resolve_root(self) -> Optional[Path]:
+        if self.config.root is not None:
+            return Path(self.config.root)
+        if self.context.ema_root is not None:
+            return Path(self.context.ema_root)
+        if self.context.run_dir is not None:
+            return Path(self.context.run_dir) / "ema"
+        return None
+
+    # ------------------------------------------------------------------ the EMA
+    def create_ema(self) -> ShardedEMA:
+        """Collective: build the ShardedEMA from the live model (idempotent)."""
+        if self.ema is not None:
+            return self.ema
+        if self.model is None:
+            raise ValueError(f"{self.name}: the callback context has no model; give the runner model=...")
+        cfg: EmaCallbackConfig = self.config
+        self.ema = ShardedEMA(
+            self.model, list(self.target_factors), model_paths=cfg.model_paths,
+            shadow_dtype=cfg.torch_shadow_dtype, buffers=cfg.buffers, schedule=cfg.schedule,
+            inv_gamma=cfg.inv_gamma, power=cfg.power, update_every=cfg.update_every, start_step=cfg.start_step,
+            include_frozen=cfg.include_frozen, process_group=self.context.process_group,
+        )
+        return self.ema
+
+    def _require_ema(self, hook: str) -> ShardedEMA:
+        if self.ema is None:
+            raise RuntimeError(f"{self.name}.{hook}() before the EMA exists; call before_training() "
+                               "(or resume_from_checkpoint()) first")
+        return self.ema
+
+    def _save(self, tag: str, update_counter: UpdateCounter) -> None:
+        if self.root is None:  # pragma: no cover - guarded in __init__
+            raise ValueError(f"{self.name}: no checkpoint directory to save {tag!r} to")
+        position = update_counter.iteration_tag
+        if self._saved_at.get(tag) == position:
+            return  # e.g. the update and the epoch schedule fire at the same update: one save is enough
+        self._require_ema("save").save(self.root, tag)
+        self._saved_at[tag] = position
+        self.saved_tags.append(tag)
+
+    # ------------------------------------------------------------------ children
+    def get_children(self) -> list[CallbackBase]:
+        """Every child eval callback, all factors, as one flat list (factor order)."""
+        return [child for factor in self.target_factors for child in self.eval_callbacks[factor]]
+
+    def _forward(self, hook: Hook, update_counter: UpdateCounter, **kwargs) -> None:
+        """Run ``hook`` on every child with the live weights."""
+        for child in self.get_children():
+            getattr(child, hook.value)(update_counter=update_counter, **kwargs)
+
+    def _dispatch_swapped(self, hook: Hook, update_counter: UpdateCounter, **kwargs) -> None:
+        """Per factor: swap in its EMA weights and run ``hook`` on its children, if one fires."""
+        for factor in self.target_factors:
+            children = self.eval_callbacks[factor]
+            if not any(child.fires(hook, update_counter) for child in children):
+                continue
+            ema = self._require_ema(hook.value)
+            with ema.swapped(factor, self.model_paths):
+                for child in children:
+                    getattr(child, hook.value)(update_counter=update_counter, **kwargs)
+
+    def fires(self, hook: Hook | str, update_counter: UpdateCounter) -> bool:
+        """Its own schedule, or any child's."""
+        return super().fires(hook, update_counter) or any(c.fires(hook, update_counter) for c in self.get_children())
+
+    # ------------------------------------------------------------------ hooks
+    @torch.no_grad()
+    def resume_from_checkpoint(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Collective: create the EMA and load ``cp=latest``, else ``cp=last``, else keep the live init."""
+        if self.root is None:
+            raise ValueError(f"{self.name}: cannot resume without a checkpoint directory; set root in the config "
+                             "or give the runner ema_root=... or run_dir=...")
+        ema = self.create_ema()
+        self.resumed_from = ema.resume(self.root, strict=self.config.strict_resume)
+        logger.info("%s: resumed EMA from %s (step %d)", self.name,
+                    f"cp={self.resumed_from}" if self.resumed_from else "the live weights", ema.step)
+        if self._saved_ema_step is not None and self._saved_ema_step != ema.step:
+            logger.warning("%s: the run state was saved at EMA step %d but the EMA checkpoint is at step %d; "
+                           "save cp=latest on the same schedule as the run state to keep them together",
+                           self.name, self._saved_ema_step, ema.step)
+        self._forward(Hook.RESUME_FROM_CHECKPOINT, update_counter, **kwargs)
+
+    @torch.no_grad()
+    def before_training(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Collective: create the EMA from the live weights unless resumed; forward to the children."""
+        self.create_ema()
+        self._forward(Hook.BEFORE_TRAINING, update_counter, **kwargs)
+
+    @torch.no_grad()
+    def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Update the EMA (every optimizer update); forward to the children with live weights."""
+        self._require_ema("track_after_update_step").update()
+        self._forward(Hook.TRACK_AFTER_UPDATE_STEP, update_counter, **kwargs)
+
+    @torch.no_grad()
+    def after_update(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Periodic saves on the update/sample schedule, then the children (swapped, if one fires)."""
+        super().after_update(update_counter=update_counter, **kwargs)
+        self._dispatch_swapped(Hook.AFTER_UPDATE, update_counter, **kwargs)
+
+    @torch.no_grad()
+    def after_epoch(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Periodic saves on the epoch schedule, then the children (swapped, if one fires)."""
+        super().after_epoch(update_counter=update_counter, **kwargs)
+        self._dispatch_swapped(Hook.AFTER_EPOCH, update_counter, **kwargs)
+
+    @torch.no_grad()
+    def at_eval(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """The children with the EMA weights of each factor (no save)."""
+        self._dispatch_swapped(Hook.AT_EVAL, update_counter, **kwargs)
+
+    @torch.no_grad()
+    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs) -> None:
+        """Save ``cp=<iteration tag>`` and/or ``cp=latest`` (collective)."""
+        if interval_type is IntervalType.EVAL:
+            return
+        if self.save_weights:
+            self._save(update_counter.iteration_tag, update_counter)
+        if self.save_latest_weights:
+            self._save("latest", update_counter)
+
+    @torch.no_grad()
+    def after_training(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+        """Save ``cp=last`` when ``save_last_weights``; forward to the children with live weights."""
+        if self.save_last_weights:
+            self._save("last", update_counter)
+        self._forward(Hook.AFTER_TRAINING, update_counter, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The children's states by factor (the EMA tensors live in its own checkpoints)."""
+        return {
+            "children": {repr(factor): [child.state_dict() for child in self.eval_callbacks[factor]]
+                         for factor in self.target_factors},
+            "ema_step": None if self.ema is None else self.ema.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the children's states; the factors and children must match the config."""
+        self._saved_ema_step = state.get("ema_step")
+        saved = state.get("children", {})
+        expected = {repr(f) for f in self.target_factors}
+        if set(saved) != expected:
+            raise ValueError(f"{self.name}: saved child states are for factors {sorted(saved)}, "
+                             f"the config has {sorted(expected)}")
+        for factor in self.target_factors:
+            children = self.eval_callbacks[factor]
+            states = saved[repr(factor)]
+            if len(states) != len(children):
+                raise ValueError(f"{self.name}: {len(states)} saved child states for factor {factor!r}, "
+                                 f"but the config has {len(children)} eval_callbacks")
+            for child, child_state in zip(children, states):
+                child.load_state_dict(child_state)

@@ -1,0 +1,26 @@
+"""EMA checkpoints: per-rank safetensors files, atomic commit, resume at any world size, consolidation.
+
+The on-disk format is specified in docs/checkpoint-format.md.
+"""
+
+from ._consolidate import ConsolidatedReader, consolidate_to_file, load_consolidated
+from ._format import FORMAT_VERSION, validate_tag
+from ._inspect import CheckpointInfo, list_checkpoints
+from ._manifest import ManifestError
+from ._reader import CheckpointMismatchError, resume_ema
+from ._writer import cleanup_leftovers, save_ema
+
+__all__ = [
+    "save_ema",
+    "resume_ema",
+    "load_consolidated",
+    "consolidate_to_file",
+    "ConsolidatedReader",
+    "list_checkpoints",
+    "CheckpointInfo",
+    "cleanup_leftovers",
+    "validate_tag",
+    "CheckpointMismatchError",
+    "ManifestError",
+    "FORMAT_VERSION",
+]

@@ -1,0 +1,182 @@
+"""Full (unsharded) tensors of one factor from a checkpoint, one tensor at a time; no process group.
+
+Memory: assembling a tensor holds the tensor itself plus one stored piece of it
+(``safe_open(...).get_tensor`` copies the piece out of the memory-mapped file), so
+the peak is about ``largest tensor + its largest piece`` (at most twice the largest
+tensor). :func:`consolidate_to_file` writes each tensor as soon as it is assembled;
+:func:`load_consolidated` returns them all, so it holds the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .._log import logger
+from .._shards import path_label
+from ._format import FORMAT_VERSION, TEMP_SUFFIX, cp_dirname, factor_name, numel, tensor_crc32, validate_tag
+from ._io import SafetensorsStreamWriter, fsync_dir
+from ._manifest import Version, find_candidates, saved_factor, tensor_dtype, versions_of
+
+_MAX_OPEN_FILES = 64
+_PROGRESS_BYTES = 256 * 2**20
+
+
+def _find_version(root: Path, model_path: str | None, tag: str) -> Version:
+    problems: list[str] = []
+    candidates = find_candidates(root, [model_path], tag, problems)
+    if candidates:
+        return candidates[0].versions[model_path]
+    # A save whose other model paths are gone still holds this model path completely.
+    versions = versions_of(root, model_path, tag)
+    if versions:
+        logger.warning("using %s although other model paths of its save are missing", versions[0].directory)
+        return versions[0]
+    where = Path(root) / path_label(model_path) / cp_dirname(tag)
+    detail = ("; " + "; ".join(problems)) if problems else ""
+    raise FileNotFoundError(f"no committed EMA checkpoint at {where}{detail}; list what exists with "
+                            f"`shardema inspect {root}`")
+
+
+class ConsolidatedReader:
+    """Assemble full tensors of one (model path, tag, factor), verifying each stored piece's CRC-32.
+
+    Use as a context manager; :attr:`entries` lists ``(fqn, dtype, global shape)`` in
+    the saved order and :meth:`read` returns one full tensor.
+    """
+
+    def __init__(self, root, factor: float, model_path: str | None = None, tag: str = "latest"):
+        validate_tag(tag)
+        self.root = Path(root)
+        self.version = _find_version(self.root, model_path, tag)
+        manifest = self.version.manifest
+        saved = saved_factor(manifest, factor)
+        if saved is None:
+            raise ValueError(f"factor {factor!r} is not in {self.version.directory}; saved factors: "
+                             f"{manifest['factors']}")
+        self.factor = saved
+        self.manifest = manifest
+        self._pieces: dict[str, list[tuple[Path, dict]]] = {}
+        for entry in self.version.files_of(saved):
+            path = self.version.directory / entry["path"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != entry["size"]:
+                raise ValueError(f"{path}: {'missing' if size is None else f'size {size} bytes'}, the manifest "
+                                 f"says {entry['size']} (truncated or incomplete checkpoint)")
+            for fqn, piece in entry["pieces"].items():
+                self._pieces.setdefault(fqn, []).append((path, piece))
+        self.entries = [(fqn, tensor_dtype(manifest, fqn), tuple(info["global_shape"]))
+                        for fqn, info in manifest["tensors"].items()]
+        self._handles: OrderedDict = OrderedDict()
+
+    @property
+    def total_bytes(self) -> int:
+        """Size of all full tensors together."""
+        return sum(numel(shape) * dtype.itemsize for _, dtype, shape in self.entries)
+
+    def _open(self, path: Path):
+        from safetensors import safe_open
+
+        if path in self._handles:
+            self._handles.move_to_end(path)
+            return self._handles[path]
+        if len(self._handles) >= _MAX_OPEN_FILES:
+            _, oldest = self._handles.popitem(last=False)
+            oldest.__exit__(None, None, None)
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        handle.__enter__()
+        self._handles[path] = handle
+        return handle
+
+    def read(self, fqn: str) -> torch.Tensor:
+        """The full tensor ``fqn``; raises ``ValueError`` naming the file of a corrupt piece."""
+        info = self.manifest["tensors"][fqn]
+        full = torch.empty(info["global_shape"], dtype=tensor_dtype(self.manifest, fqn))
+        for path, piece in self._pieces.get(fqn, []):
+            data = self._open(path).get_tensor(fqn)
+            if list(data.shape) != piece["shape"] or tensor_crc32(data) != piece["crc32"]:
+                raise ValueError(f"{path}: {fqn!r} fails its shape or CRC-32 check (corrupt checkpoint)")
+            view = full
+            for dim, (start, size) in enumerate(zip(piece["offset"], piece["shape"])):
+                view = view.narrow(dim, start, size)
+            view.copy_(data)
+        return full
+
+    def close(self) -> None:
+        """Close the open files."""
+        while self._handles:
+            _, handle = self._handles.popitem()
+            handle.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _progress(total: int, progress: bool | None, desc: str):
+    disable = (total < _PROGRESS_BYTES) if progress is None else not progress
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=disable)
+
+
+def load_consolidated(root, factor: float, model_path: str | None = None, tag: str = "latest", *,
+                      progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """Full EMA weights of one factor as ``{fqn: tensor}`` (CPU), with keys relative to ``model_path``.
+
+    Needs no process group and works whatever the world size of the save. The result
+    loads into the unsharded module with ``module.load_state_dict(sd, strict=True)``
+    when the EMA tracked buffers (``buffers="copy"`` or ``"average"``); under
+    ``"ignore"`` buffers are absent, so load with ``strict=False``. Every stored piece
+    is checked against its CRC-32. ``progress``: show a progress bar (default: for
+    checkpoints of 256 MiB or more).
+    """
+    out: dict[str, torch.Tensor] = {}
+    with ConsolidatedReader(root, factor, model_path, tag) as reader:
+        with _progress(reader.total_bytes, progress, f"ema={factor_name(reader.factor)}") as bar:
+            for fqn, dtype, shape in reader.entries:
+                out[fqn] = reader.read(fqn)
+                bar.update(numel(shape) * dtype.itemsize)
+    return out
+
+
+def consolidate_to_file(root, factor: float, out, model_path: str | None = None, tag: str = "latest", *,
+                        progress: bool | None = None) -> Path:
+    """Write the full EMA weights of one factor to one safetensors file, one tensor at a time.
+
+    The file is written under a temporary name, fsynced and renamed to ``out``. Its
+    metadata records the source (model path, tag, factor, step, save id, schedule).
+    Returns the path written.
+    """
+    out = Path(out)
+    with ConsolidatedReader(root, factor, model_path, tag) as reader:
+        m = reader.manifest
+        metadata = {"format": "shardema-consolidated", "format_version": str(FORMAT_VERSION),
+                    "model_path": json.dumps(model_path), "tag": tag, "factor": factor_name(reader.factor),
+                    "step": str(m["step"]), "save_id": m["save_id"], "schedule": json.dumps(m["schedule"])}
+        if out.parent and not out.parent.exists():
+            out.parent.mkdir(parents=True)
+        temp = out.with_name(out.name + TEMP_SUFFIX)
+        writer = SafetensorsStreamWriter(temp, reader.entries, metadata)
+        shapes = {fqn: (dtype, shape) for fqn, dtype, shape in reader.entries}
+        try:
+            with _progress(reader.total_bytes, progress, f"consolidate ema={factor_name(reader.factor)}") as bar:
+                for fqn in writer.order:
+                    writer.write(fqn, reader.read(fqn))
+                    dtype, shape = shapes[fqn]
+                    bar.update(numel(shape) * dtype.itemsize)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            temp.unlink(missing_ok=True)
+            raise
+    os.replace(temp, out)
+    fsync_dir(out.parent)
+    logger.info("wrote %d tensors (%d bytes) of ema=%s step %d to %s", len(reader.entries), reader.total_bytes,
+                factor_name(reader.factor), m["step"], out)
+    return out

@@ -1,0 +1,82 @@
+"""List the checkpoints under a root, with their state (no process group)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ._format import parse_cp_dirname
+from ._manifest import ManifestError, find_candidates, read_manifest
+from ._reader import verify_file
+
+
+@dataclass
+class CheckpointInfo:
+    """One ``cp=...`` directory of one model path.
+
+    ``state`` is ``committed`` (a complete save, what readers use), ``old`` (a
+    complete previous version kept while a new one is swapped in), ``incomplete``
+    (valid manifest, but another model path of the same save is missing),
+    ``uncommitted`` (no valid manifest: a crashed or running save) or ``staging`` (a
+    save in progress or the leftover of a crashed one).
+    """
+
+    model_path: str
+    tag: str
+    state: str
+    directory: str
+    step: int | None = None
+    factors: list = field(default_factory=list)
+    world_size: int | None = None
+    mesh_shapes: list = field(default_factory=list)
+    save_id: str | None = None
+    created_unix: float | None = None
+    files: int = 0
+    bytes: int = 0
+    problem: str | None = None
+
+    def as_dict(self) -> dict:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+def list_checkpoints(root, verify: bool = False) -> list[CheckpointInfo]:
+    """Every ``<model path>/cp=<tag>`` directory under ``root``, sorted by model path and tag.
+
+    ``verify=True`` also checks each file of committed versions (size, CRC-32,
+    header); a failure is reported in ``problem`` and the state becomes ``corrupt``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint root {root} does not exist")
+    infos: list[CheckpointInfo] = []
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for cp_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
+            parsed = parse_cp_dirname(cp_dir.name)
+            if parsed is None:
+                continue
+            tag, kind = parsed
+            info = CheckpointInfo(label_dir.name, tag, "staging" if kind == "staging" else "uncommitted", str(cp_dir))
+            infos.append(info)
+            if kind == "staging":
+                continue
+            try:
+                manifest = read_manifest(cp_dir)
+            except ManifestError as exc:
+                info.problem = str(exc)
+                continue
+            info.step, info.factors = manifest["step"], manifest["factors"]
+            info.world_size, info.mesh_shapes = manifest["world_size"], manifest.get("mesh_shapes", [])
+            info.save_id, info.created_unix = manifest["save_id"], manifest.get("created_unix")
+            info.files = len(manifest["files"])
+            info.bytes = sum(f["size"] for f in manifest["files"])
+            complete = any(c.save_id == manifest["save_id"]
+                           for c in find_candidates(root, [manifest["model_path"]], tag))
+            info.state = ("old" if kind == "old" else "committed") if complete else "incomplete"
+            if complete and verify:
+                for entry in manifest["files"]:
+                    problem = verify_file(cp_dir / entry["path"], entry, manifest["save_id"])
+                    if problem:
+                        info.state, info.problem = "corrupt", problem
+                        break
+    return infos

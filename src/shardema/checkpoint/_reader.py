@@ -1,0 +1,254 @@
+"""Collective resume of a ShardedEMA from any world size and mesh: verify, then read slices.
+
+[Note: resharding rule]
+Every stored piece says where it lies in the global tensor: ``offset`` and ``shape``
+(its box ``[offset, offset + shape)``). This rank needs the box
+``[t.global_offset, t.global_offset + t.local_shape)`` of each tracked tensor. For
+each stored piece of the tensor (of the factor being loaded) that intersects it, the
+intersection is read with ``safe_open(...).get_slice(fqn)[...]`` and copied into
+the matching part of the shadow. The pieces of a committed save tile the tensor
+(checked when the manifest is read), so the copies fill the shadow exactly once.
+
+Which ranks run each step of ``resume_ema``:
+
+1. Rank 0 lists the complete versions of ``cp=latest`` then ``cp=last`` and
+   broadcasts them (manifests included), so all ranks decide on the same data.
+2. For each candidate, all ranks: compare the saved structure with the EMA (same on
+   every rank; a difference raises everywhere); verify the files, each rank a share
+   of them (size and CRC-32 of the whole file, header against the manifest); gather
+   the problems (agreement) and skip the candidate everywhere if any rank found one.
+3. All ranks read their slices; gather failures; skip the candidate if any.
+4. All ranks restore the step and the schedule and return the tag.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import _dist
+from .._log import logger
+from .._schedule import DecaySchedule
+from .._shards import path_label
+from ._format import RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32
+from ._io import file_crc32
+from ._manifest import Candidate, find_candidates, saved_factor
+from ._writer import group_root
+
+
+class CheckpointMismatchError(ValueError):
+    """The saved structure differs from the EMA's (model paths, factors, FQNs or shapes)."""
+
+
+def structure_differences(ema, candidate: Candidate) -> list[str]:
+    """Every difference between the EMA and a candidate, one line each (empty when they match)."""
+    where = cp_dirname(candidate.tag)
+    differences = []
+    tracked_paths = list(ema.model_paths)
+    for mp in tracked_paths:
+        if mp not in candidate.versions:
+            differences.append(f"model path {path_label(mp)!r} is tracked but not in {where}")
+    for mp in candidate.versions:
+        if mp not in tracked_paths:
+            differences.append(f"model path {path_label(mp)!r} is in {where} but not tracked by this EMA")
+    manifest = candidate.manifest
+    missing_factors = [f for f in ema.target_factors if saved_factor(manifest, f) is None]
+    for f in missing_factors:
+        differences.append(f"factor {f!r} is not in {where} (saved factors: {manifest['factors']})")
+    for mp in tracked_paths:
+        version = candidate.versions.get(mp)
+        if version is None:
+            continue
+        saved = version.manifest["tensors"]
+        label = path_label(mp)
+        live = {t.fqn: t for t in ema.tracked([mp])}
+        for fqn, t in live.items():
+            if fqn not in saved:
+                differences.append(f"{label}: missing {fqn!r} (shape {list(t.global_shape)}) in {where}")
+            elif list(t.global_shape) != saved[fqn]["global_shape"]:
+                differences.append(f"{label}: {fqn!r} has shape {list(t.global_shape)} in the model but "
+                                   f"{saved[fqn]['global_shape']} in {where}")
+        for fqn, info in saved.items():
+            if fqn not in live:
+                differences.append(f"{label}: unexpected {fqn!r} (shape {info['global_shape']}) in {where}")
+    return differences
+
+
+def _needed_files(ema, candidate: Candidate) -> list[tuple[Path, dict, str | None]]:
+    """(path, manifest entry, model path) of every file of the factors this EMA tracks, in a fixed order."""
+    needed = []
+    for mp in ema.model_paths:
+        version = candidate.versions[mp]
+        for factor in ema.target_factors:
+            for entry in version.files_of(saved_factor(version.manifest, factor)):
+                needed.append((version.directory / entry["path"], entry, mp))
+    return needed
+
+
+def verify_file(path: Path, entry: dict, save_id: str) -> str | None:
+    """Check one file against its manifest entry; return the problem, or None when it is intact."""
+    from safetensors import safe_open
+
+    try:
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{path}: size {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
+        _, crc = file_crc32(path)
+        if crc != entry["crc32"]:
+            return f"{path}: CRC-32 {crc}, the manifest says {entry['crc32']} (corrupt)"
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            stored = json.loads(metadata.get("tensors", "{}"))
+            keys = set(f.keys())
+        if metadata.get("save_id") != save_id:
+            return f"{path}: belongs to save {metadata.get('save_id')!r}, not {save_id!r}"
+        for fqn, piece in entry["pieces"].items():
+            got = stored.get(fqn)
+            if fqn not in keys or got is None or [got["offset"], got["shape"], got["crc32"]] != \
+                    [piece["offset"], piece["shape"], piece["crc32"]]:
+                return f"{path}: piece {fqn!r} differs from the manifest"
+    except Exception as exc:  # unreadable file: report, never raise
+        return f"{path}: unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _verify_share(ema, candidate: Candidate, rank: int, world: int) -> list[str]:
+    problems = []
+    for i, (path, entry, _) in enumerate(_needed_files(ema, candidate)):
+        if i % world == rank:
+            problem = verify_file(path, entry, candidate.save_id)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _target_view(shadow: torch.Tensor, t, offset, shape) -> torch.Tensor:
+    view = shadow
+    for dim, (start, size) in enumerate(zip(offset, shape)):
+        view = view.narrow(dim, start - t.global_offset[dim], size)
+    return view
+
+
+@torch.no_grad()
+def _load(ema, candidate: Candidate) -> None:
+    """Read this rank's slices of every tracked tensor and factor into the shadows."""
+    from safetensors import safe_open
+
+    reads: dict[Path, list] = {}
+    for mp in ema.model_paths:
+        version = candidate.versions[mp]
+        for t in ema.tracked([mp]):
+            if t.local_numel == 0:
+                continue
+            # Copied tensors have one shadow shared by all factors: read it once.
+            factors = ema.target_factors if ema._blends(t) else ema.target_factors[:1]
+            for factor in factors:
+                shadow = ema.shadow(factor, t.key)
+                covered = 0
+                for entry in version.files_of(saved_factor(version.manifest, factor)):
+                    piece = entry["pieces"].get(t.fqn)
+                    if piece is None:
+                        continue
+                    overlap = box_overlap(piece["offset"], piece["shape"], t.global_offset, t.local_shape)
+                    if overlap is None:
+                        continue
+                    covered += numel(overlap[1])
+                    reads.setdefault(version.directory / entry["path"], []).append((t, shadow, piece, overlap))
+                if covered != t.local_numel:
+                    raise AssertionError(f"{t.fqn!r}: saved pieces cover {covered} of {t.local_numel} local elements")
+    for path in sorted(reads):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for t, shadow, piece, (offset, shape) in reads[path]:
+                whole = list(shape) == piece["shape"]
+                if whole:
+                    data = f.get_tensor(t.fqn)
+                    if tensor_crc32(data) != piece["crc32"]:
+                        raise ValueError(f"{path}: {t.fqn!r} fails its CRC-32 check (corrupt)")
+                else:
+                    index = tuple(slice(o - p, o - p + s) for o, p, s in zip(offset, piece["offset"], shape))
+                    data = f.get_slice(t.fqn)[index]
+                _target_view(shadow, t, offset, shape).copy_(data.view(shape))
+
+
+def _discover(root: Path, model_paths) -> tuple[list[Candidate], list[str]]:
+    problems: list[str] = []
+    candidates = []
+    for tag in RESUME_ORDER:
+        candidates.extend(find_candidates(root, model_paths, tag, problems))
+    return candidates, problems
+
+
+def _agreed_problems(mine: list[str], group) -> list[str]:
+    return [p for share in _dist.all_gather_objects(mine, group=group) for p in share]
+
+
+@torch.no_grad()
+def resume_ema(ema, root, strict: bool = False) -> str | None:
+    """Collective: restore ``ema`` from ``cp=latest``, else ``cp=last``; else keep the live init.
+
+    Returns the tag used, or None after initialising the shadows from the live
+    weights (with a warning; ``strict=True`` raises ``FileNotFoundError`` instead).
+    Corrupt or incomplete candidates are skipped with a warning naming the file.
+    Raises :class:`CheckpointMismatchError` listing every difference when the saved
+    structure does not match the EMA.
+    """
+    root = Path(root)
+    group = ema.process_group
+    rank, world = _dist.rank(group), _dist.world_size(group)
+    found = None
+    if rank == 0:
+        try:
+            found = _discover(root, ema.model_paths)
+        except Exception as exc:  # e.g. permission denied: every rank raises below
+            found = f"{type(exc).__name__}: {exc}"
+    found = _dist.broadcast_object(found, src=group_root(group), group=group)
+    if isinstance(found, str):
+        raise RuntimeError(f"listing EMA checkpoints under {root} failed on rank 0: {found}")
+    candidates, problems = found
+    if rank == 0:
+        for problem in problems:
+            logger.warning("ignoring %s", problem)
+    touched = False
+    for candidate in candidates:
+        differences = structure_differences(ema, candidate)
+        if differences:
+            raise CheckpointMismatchError(
+                f"the EMA checkpoint {candidate.describe()} does not match this EMA "
+                f"({len(differences)} difference(s)):\n  " + "\n  ".join(differences)
+                + "\nresume with the model and EMA options used for saving, or save to a new root")
+        bad = _agreed_problems(_verify_share(ema, candidate, rank, world), group)
+        if not bad:
+            touched = True
+            error = None
+            try:
+                _load(ema, candidate)
+            except Exception as exc:
+                error = f"rank {rank}: {type(exc).__name__}: {exc}"
+            bad = _agreed_problems([error] if error else [], group)
+        if bad:
+            if rank == 0:
+                logger.warning("skipping EMA checkpoint %s: %s", candidate.describe(), "; ".join(bad))
+            continue
+        manifest = candidate.manifest
+        ema.step = int(manifest["step"])
+        saved = DecaySchedule.model_validate(manifest["schedule"])
+        if saved != ema.schedule:
+            logger.warning("the saved schedule %s replaces the configured %s", saved, ema.schedule)
+            ema.schedule = saved
+        logger.info("resumed EMA step %d from %s", ema.step, candidate.describe())
+        return candidate.tag
+    tried = ", ".join(cp_dirname(t) for t in RESUME_ORDER)
+    if strict:
+        if touched:  # a failed load may have written part of the shadows
+            ema._initialise_from_live()
+        raise FileNotFoundError(f"no intact EMA checkpoint ({tried}) under {root} for model paths "
+                                f"{[path_label(m) for m in ema.model_paths]}; pass strict=False to start "
+                                "from the live weights")
+    ema._initialise_from_live()
+    if rank == 0:
+        logger.warning("no intact EMA checkpoint (%s) under %s: the EMA starts from the live weights", tried, root)
+    return None

@@ -1,0 +1,259 @@
+"""Collective save of a ShardedEMA: per-rank safetensors files, manifest last, atomic swap.
+
+[Note: commit protocol]
+Which ranks run each step of ``save_ema(ema, root, tag)``:
+
+1. All ranks: rank 0 draws a ``save_id`` and broadcasts it.
+2. Rank 0: clean up what crashed saves left under the EMA's model paths (staging
+   directories, a stranded ``cp=<tag>.old``; see :func:`cleanup_leftovers`).
+3. All ranks: write this rank's pieces of every (model path, factor) into
+   ``<root>/<label>/cp=<tag>.tmp-<save_id>/ema=<factor>/rank-R-of-W.safetensors``:
+   temporary name, fsync, rename, fsync the directory. Ranks holding only replicas
+   or empty pieces write nothing.
+4. All ranks: gather every rank's outcome and file list (the agreement). If any rank
+   failed, every rank raises and nothing is committed.
+5. Rank 0: write ``manifest.json`` into each staging directory (temporary name,
+   fsync, rename, fsync): the staging directory is now committed but not yet visible.
+6. Rank 0: for each model path, rename ``cp=<tag>`` to ``cp=<tag>.old`` and the
+   staging directory to ``cp=<tag>``; after all model paths, delete the ``.old``
+   directories. Readers accept a complete ``cp=<tag>`` or ``cp=<tag>.old`` (see
+   ``_manifest``), so the old or the new save is findable at every instant.
+7. All ranks: rank 0 broadcasts whether the commit succeeded; all raise if not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from .. import _dist
+from .._log import logger
+from .._shards import path_label
+from ._format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STAGING_MARK, TEMP_SUFFIX, cp_dirname,
+                      dtype_name, ema_dirname, factor_name, old_dirname, parse_cp_dirname, rank_filename,
+                      staging_dirname, tensor_crc32, validate_tag)
+from ._io import SafetensorsStreamWriter, fsync_dir, make_dirs, write_bytes_atomic
+from ._manifest import find_candidates, validate_manifest
+
+
+def group_root(group) -> int:
+    """Global rank of rank 0 of ``group`` (the source of broadcasts)."""
+    if group is None or not _dist.is_distributed():
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_global_rank(group, 0)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that readers never see it half deleted: rename it away first."""
+    if not path.exists():
+        return
+    parsed = parse_cp_dirname(path.name)
+    tag = parsed[0] if parsed else "x"
+    trash = path.with_name(staging_dirname(tag, f"deleting-{uuid.uuid4().hex}"))
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def cleanup_leftovers(root: Path, model_paths, keep_save_id: str | None = None) -> list[Path]:
+    """Remove what crashed saves left under the given model paths; return what was removed.
+
+    - staging directories ``cp=<tag>.tmp-<id>`` (never committed, or committed but not
+      swapped in) other than ``keep_save_id``'s;
+    - for every tag with a ``cp=<tag>.old``: keep the best complete version at
+      ``cp=<tag>`` and remove the other one. When no version of the tag is complete,
+      nothing of that tag is removed.
+
+    Only names of the form ``cp=...`` under the model paths' directories are touched.
+    """
+    removed: list[Path] = []
+    stranded_tags: set[str] = set()
+    for mp in model_paths:
+        label_dir = Path(root) / path_label(mp)
+        if not label_dir.is_dir():
+            continue
+        for child in sorted(label_dir.iterdir()):
+            parsed = parse_cp_dirname(child.name)
+            if parsed is None or not child.is_dir():
+                continue
+            tag, state = parsed
+            if state == "staging" and not (keep_save_id and child.name.endswith(STAGING_MARK + keep_save_id)):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+            elif state == "old":
+                stranded_tags.add(tag)
+    for tag in sorted(stranded_tags):
+        candidates = find_candidates(root, model_paths, tag)
+        if not candidates:
+            logger.warning("cannot tell which version of tag %r under %s is complete; leaving it as is", tag, root)
+            continue
+        for version in candidates[0].versions.values():
+            label_dir = version.directory.parent
+            current, old = label_dir / cp_dirname(tag), label_dir / old_dirname(tag)
+            if version.directory == old:
+                _remove_dir(current)
+                os.rename(old, current)
+                fsync_dir(label_dir)
+                removed.append(current)
+            elif old.exists():
+                _remove_dir(old)
+                removed.append(old)
+    if removed:
+        logger.info("removed leftovers of interrupted saves: %s", ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _mesh_shape(t) -> list[int] | None:
+    return None if t.mesh is None else [int(s) for s in t.mesh.shape]
+
+
+def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, world: int) -> dict | None:
+    """Write this rank's pieces of one (model path, factor); return its manifest entry."""
+    writers = [t for t in ema.tracked([mp]) if t.writes_checkpoint]
+    if not writers:
+        return None
+    shadows = {t.fqn: ema.shadow(factor, t.key) for t in writers}
+    pieces = {}
+    for t in writers:
+        pieces[t.fqn] = {
+            "offset": list(t.global_offset), "shape": list(t.local_shape), "crc32": tensor_crc32(shadows[t.fqn]),
+            "global_shape": list(t.global_shape), "dtype": dtype_name(shadows[t.fqn].dtype),
+            "blended": ema._blends(t), "is_buffer": t.is_buffer, "mesh_shape": _mesh_shape(t),
+            "placements": None if t.placements is None else str(tuple(t.placements)),
+        }
+    mesh_shapes = []
+    for t in writers:
+        if t.mesh is not None and _mesh_shape(t) not in mesh_shapes:
+            mesh_shapes.append(_mesh_shape(t))
+    metadata = {
+        "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "save_id": plan["save_id"],
+        "tag": plan["tag"], "model_path": json.dumps(mp), "factor": factor_name(factor), "step": str(ema.step),
+        "schedule": ema.schedule.model_dump_json(), "world_size": str(world), "rank": str(rank),
+        "mesh_shapes": json.dumps(mesh_shapes), "tensors": json.dumps(pieces, separators=(",", ":")),
+    }
+    directory = staging / ema_dirname(factor)
+    make_dirs(directory)
+    final = directory / rank_filename(rank, world)
+    temp = final.with_name(final.name + TEMP_SUFFIX)
+    writer = SafetensorsStreamWriter(temp, [(t.fqn, shadows[t.fqn].dtype, t.local_shape) for t in writers], metadata)
+    try:
+        for name in writer.order:
+            writer.write(name, shadows[name])
+        size, crc = writer.close()
+    except BaseException:
+        writer.abort()
+        temp.unlink(missing_ok=True)
+        raise
+    os.replace(temp, final)
+    fsync_dir(directory)
+    return {"model_path": mp, "path": f"{ema_dirname(factor)}/{final.name}", "factor": float(factor),
+            "rank": rank, "size": size, "crc32": crc,
+            "pieces": {fqn: {"offset": p["offset"], "shape": p["shape"], "crc32": p["crc32"]}
+                       for fqn, p in pieces.items()}}
+
+
+def _build_manifest(ema, mp, plan: dict, world: int, files: list[dict]) -> dict:
+    tensors, mesh_shapes = {}, []
+    for t in ema.tracked([mp]):
+        shadow = ema.shadow(0, t.key)
+        tensors[t.fqn] = {"global_shape": list(t.global_shape), "dtype": dtype_name(shadow.dtype),
+                          "blended": ema._blends(t), "is_buffer": t.is_buffer}
+        if t.mesh is not None and _mesh_shape(t) not in mesh_shapes:
+            mesh_shapes.append(_mesh_shape(t))
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "save_id": plan["save_id"],
+        "created_unix": plan["created"], "tag": plan["tag"], "model_path": mp,
+        "model_paths": list(ema.model_paths), "step": int(ema.step),
+        "schedule": json.loads(ema.schedule.model_dump_json()),
+        "factors": [float(f) for f in ema.target_factors], "world_size": world, "mesh_shapes": mesh_shapes,
+        "shadow_dtype": None if ema.shadow_dtype is None else dtype_name(ema.shadow_dtype),
+        "buffers": ema.buffers, "tensors": tensors,
+        "files": sorted(({k: v for k, v in f.items() if k != "model_path"} for f in files),
+                        key=lambda f: f["path"]),
+    }
+
+
+def _commit(ema, root: Path, plan: dict, world: int, entries: list[dict]) -> None:
+    """Rank 0: write the manifests, then swap the staging directories in (steps 5 and 6)."""
+    tag = plan["tag"]
+    staged = []
+    for mp in ema.model_paths:
+        label_dir = root / path_label(mp)
+        staging = label_dir / staging_dirname(tag, plan["save_id"])
+        make_dirs(staging)
+        manifest = _build_manifest(ema, mp, plan, world, [e for e in entries if e["model_path"] == mp])
+        validate_manifest(manifest, f"manifest of {staging}")  # a gap here is a bug: never commit it
+        write_bytes_atomic(staging / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
+        staged.append((label_dir, staging))
+    for label_dir, staging in staged:
+        current, old = label_dir / cp_dirname(tag), label_dir / old_dirname(tag)
+        if current.exists():
+            _remove_dir(old)
+            os.rename(current, old)
+        os.rename(staging, current)
+        fsync_dir(label_dir)
+    for label_dir, _ in staged:
+        _remove_dir(label_dir / old_dirname(tag))
+
+
+@torch.no_grad()
+def save_ema(ema, root, tag: str = "latest") -> str:
+    """Collective: save every model path and factor of ``ema`` under ``root`` as ``cp=<tag>``.
+
+    See the commit protocol note of this module and docs/checkpoint-format.md. Returns
+    the tag. Raises on every rank when any rank fails; the previous committed
+    version of the tag stays readable and the next save removes the leftovers.
+    """
+    validate_tag(tag)
+    root = Path(root)
+    group = ema.process_group
+    rank, world = _dist.rank(group), _dist.world_size(group)
+    started = time.perf_counter()
+    plan = _dist.broadcast_object({"save_id": uuid.uuid4().hex, "tag": tag, "created": time.time()},
+                                  src=group_root(group), group=group)
+    error: BaseException | None = None
+    entries: list[dict] = []
+    try:
+        if plan["tag"] != tag:
+            raise ValueError(f"rank {rank} saves tag {tag!r} but rank 0 saves {plan['tag']!r}; "
+                             "call ema.save with the same root and tag on every rank")
+        if rank == 0:
+            cleanup_leftovers(root, ema.model_paths, keep_save_id=plan["save_id"])
+        for mp in ema.model_paths:
+            staging = root / path_label(mp) / staging_dirname(tag, plan["save_id"])
+            for factor in ema.target_factors:
+                entry = _write_file(ema, staging, mp, factor, plan, rank, world)
+                if entry is not None:
+                    entries.append(entry)
+    except Exception as exc:  # reported to every rank below
+        error = exc
+        logger.error("writing EMA checkpoint %s failed: %s", tag, exc)
+    outcomes = _dist.all_gather_objects((None if error is None else f"{type(error).__name__}: {error}", entries),
+                                        group=group)
+    failures = {r: message for r, (message, _) in enumerate(outcomes) if message}
+    if failures:
+        listing = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+        raise RuntimeError(f"saving the EMA checkpoint {cp_dirname(tag)} under {root} failed ({listing}); "
+                           "nothing was committed and the previous version is untouched") from error
+    commit_error = None
+    if rank == 0:
+        try:
+            _commit(ema, root, plan, world, [e for _, files in outcomes for e in files])
+        except Exception as exc:
+            error = exc
+            commit_error = f"{type(exc).__name__}: {exc}"
+    commit_error = _dist.broadcast_object(commit_error, src=group_root(group), group=group)
+    if commit_error:
+        raise RuntimeError(f"committing the EMA checkpoint {cp_dirname(tag)} under {root} failed on rank 0: "
+                           f"{commit_error}") from error
+    logger.info("saved EMA step %d to %s (%s) in %.2fs", ema.step, root, cp_dirname(tag),
+                time.perf_counter() - started)
+    return tag

@@ -1,0 +1,114 @@
+"""The ``shardema`` command line: ``consolidate`` and ``inspect`` (no process group needed).
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that registers its
+parser and sets ``handler`` to a ``_run_<name>(args) -> int`` function; :func:`main`
+dispatches. New subcommands add one pair and one line in :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Sequence
+
+
+def _add_consolidate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "consolidate", help="write the full EMA weights of one factor to one safetensors file",
+        description="Assemble the full (unsharded) EMA weights of one model path, tag and factor from the "
+                    "per-rank files, one tensor at a time, and write them to FILE. Keys are FQNs relative to "
+                    "the model path; load with module.load_state_dict(safetensors.torch.load_file(FILE)).")
+    p.add_argument("root", help="checkpoint root given to ema.save")
+    p.add_argument("--factor", type=float, required=True, help="the EMA factor to export, e.g. 0.9999")
+    p.add_argument("--model-path", default=None, help="dotted model path (default: the whole model)")
+    p.add_argument("--tag", default="latest", help="checkpoint tag (default: latest)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    p.set_defaults(handler=_run_consolidate)
+
+
+def _run_consolidate(args) -> int:
+    from .checkpoint import consolidate_to_file
+
+    path = consolidate_to_file(args.root, args.factor, args.out, model_path=args.model_path, tag=args.tag,
+                               progress=False if args.no_progress else None)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_inspect(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="list the EMA checkpoints under a root",
+        description="List model paths, tags, states (committed, old, incomplete, uncommitted, staging), steps, "
+                    "factors, world sizes and sizes of the checkpoints under ROOT.")
+    p.add_argument("root", help="checkpoint root given to ema.save")
+    p.add_argument("--verify", action="store_true", help="also check every file's size and CRC-32")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_run_inspect)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _run_inspect(args) -> int:
+    from .checkpoint import list_checkpoints
+
+    infos = list_checkpoints(args.root, verify=args.verify)
+    if args.json:
+        print(json.dumps([i.as_dict() for i in infos], indent=1))
+        return 0
+    if not infos:
+        print(f"no EMA checkpoints under {args.root}")
+        return 0
+    header = ("model path", "tag", "state", "step", "factors", "world", "files", "size", "saved")
+    rows = [header]
+    for i in infos:
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_unix)) if i.created_unix else "-"
+        rows.append((i.model_path, i.tag, i.state, "-" if i.step is None else str(i.step),
+                     ",".join(repr(f) for f in i.factors) or "-", "-" if i.world_size is None else str(i.world_size),
+                     str(i.files), _human_bytes(i.bytes), saved))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for i in infos:
+        if i.problem:
+            print(f"{i.model_path}/cp={i.tag}: {i.problem}")
+    return 0
+
+
+SUBCOMMANDS = (_add_consolidate, _add_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(prog="shardema", description="Tools for shardema EMA checkpoints.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shardema`` command; returns the exit status (errors: 1 with a message)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except (FileNotFoundError, ValueError, NotImplementedError) as exc:
+        print(f"shardema {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The example trainer end to end: torchrun on CPU/gloo, two simulated nodes, kill and resume."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "launch" / "configs" / "tiny.yaml"
+FACTORS = (0.9, 0.99)
+TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *flags]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    return env
+
+
+def _run(cmd: list[str], timeout: float = TIMEOUT) -> str:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{tail}")
+    return proc.stdout + proc.stderr
+
+
+def _train(run_dir: Path, *extra: str) -> str:
+    flags = ["--standalone", "--nproc-per-node=2", "launch/train.py", "--config", str(TINY), "--run-dir", str(run_dir)]
+    return _run(_torchrun(*flags, *extra))
+
+
+def _final_ema(run_dir: Path) -> dict:
+    from shardema import load_consolidated
+
+    return {f: load_consolidated(run_dir / "ema", factor=f, tag="last") for f in FACTORS}
+
+
+def _assert_same_ema(a: dict, b: dict) -> None:
+    for f in FACTORS:
+        assert a[f].keys() == b[f].keys()
+        for key in a[f]:
+            assert torch.equal(a[f][key], b[f][key]), f"ema={f} {key} differs"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    output = _train(run_dir)
+    return run_dir, output
+
+
+def test_a_two_rank_run_commits_ema_checkpoints_and_metrics(reference_run):
+    from shardema.checkpoint import list_checkpoints
+
+    run_dir, output = reference_run
+    infos = list_checkpoints(run_dir / "ema")
+    committed = {(i.tag, i.step) for i in infos if i.committed}
+    assert {("latest", 24), ("last", 24), ("E0_U8_S128", 8), ("E0_U16_S256", 16)} <= committed
+    assert all(i.world_size == 2 for i in infos)
+    records = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = {(r["key"], r["update"]) for r in records}
+    for update in (8, 16, 24):
+        assert {("loss/val", update), ("ema=0.9/loss/val", update), ("ema=0.99/loss/val", update)} <= keys
+    values = {(r["key"], r["update"]): r["value"] for r in records}
+    assert values[("ema=0.99/loss/val", 24)] != values[("loss/val", 24)]  # the EMA weights were evaluated
+    assert "| update | live | ema=0.9 | ema=0.99 |" in (run_dir / "summary.md").read_text()
+    assert "update 24/24" in output
+    committed_models = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / ".metadata").exists())
+    assert committed_models == ["update_00000016", "update_00000024"]  # the newest two are kept
+
+
+def test_two_simulated_nodes_give_the_same_ema_as_one_node(reference_run, tmp_path):
+    reference_dir, _ = reference_run
+    port = _free_port()
+    procs = []
+    for node_rank in range(2):
+        flags = ["--nnodes=2", f"--node-rank={node_rank}", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+                 "launch/train.py", "--config", str(TINY), "--run-dir", str(tmp_path)]
+        procs.append(subprocess.Popen(_torchrun(*flags), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, "\n".join(out.splitlines()[-40:])
+    _assert_same_ema(_final_ema(tmp_path), _final_ema(reference_dir))
+
+
+def test_kill_and_resume_gives_the_same_final_ema(reference_run, tmp_path):
+    reference_dir, _ = reference_run
+    flags = ["--standalone", "--nproc-per-node=2", "launch/train.py", "--config", str(TINY),
+             "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(_torchrun(*flags), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = tmp_path / "checkpoints" / "update_00000008" / ".metadata"
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the first checkpoint never appeared"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, wherever they are
+        proc.wait(timeout=30)
+    assert not (tmp_path / "ema" / "model" / "cp=last").exists()  # it really was interrupted
+    output = _train(tmp_path)
+    assert "resumed from" in output
+    _assert_same_ema(_final_ema(tmp_path), _final_ema(reference_dir))
+
+
+def test_resume_when_the_ema_checkpoint_is_ahead_of_the_model(reference_run, tmp_path):
+    """A kill between the EMA save and the model save: the EMA is taken from the model's update."""
+    reference_dir, _ = reference_run
+    _train(tmp_path, "--updates", "16")
+    shutil.rmtree(tmp_path / "checkpoints" / "update_00000016")  # as if killed before the model save
+    shutil.rmtree(tmp_path / "ema" / "model" / "cp=last")
+    output = _train(tmp_path)
+    assert "EMA cp=latest is at step 16, the model at update 8; loading cp=E0_U8_S128" in output
+    _assert_same_ema(_final_ema(tmp_path), _final_ema(reference_dir))
+
+
+def test_every_launch_config_validates():
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        from trainlib import TrainConfig
+    finally:
+        sys.path.pop(0)
+    configs = sorted((REPO / "launch" / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        config = TrainConfig.from_yaml(path)
+        kinds = [c.kind for c in config.callbacks]
+        assert "EmaCallback" in kinds, path

@@ -1,0 +1,412 @@
+"""EMA checkpoints in one process: round trip, fallback, mismatch, crash windows, cleanup, consolidation, CLI."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+import shardema
+from shardema.checkpoint import (CheckpointMismatchError, list_checkpoints, load_consolidated, resume_ema,
+                                 save_ema)
+from shardema.cli import main as cli_main
+
+FACTORS = (0.9, 0.99)
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 5, extra: bool = False, norm: bool = True):
+        super().__init__()
+        self.enc = nn.Linear(4, hidden)
+        if norm:
+            self.norm = nn.BatchNorm1d(hidden)
+        self.dec = nn.Linear(hidden, 3)
+        if extra:
+            self.extra = nn.Linear(2, 2)
+
+
+def target(fqn: str, shape, dtype: torch.dtype, step: int) -> torch.Tensor:
+    """The live value of ``fqn`` before update number ``step`` (0 = at construction)."""
+    if not dtype.is_floating_point:
+        return torch.full(shape, step, dtype=dtype)
+    g = torch.Generator().manual_seed(zlib.crc32(fqn.encode()) * 1000 + step)
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+@torch.no_grad()
+def set_live(model: nn.Module, step: int) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t.copy_(target(name, t.shape, t.dtype, step))
+
+
+def make(step0: int = 0, **kwargs):
+    model = Net(**{k: kwargs.pop(k) for k in ("hidden", "extra", "norm") if k in kwargs})
+    set_live(model, step0)
+    return model, shardema.ShardedEMA(model, kwargs.pop("factors", FACTORS), **kwargs)
+
+
+def train(model, ema, steps: int) -> None:
+    for _ in range(steps):
+        set_live(model, ema.step + 1)
+        ema.update()
+
+
+def snapshot(ema) -> dict:
+    return {(f, t.key): ema.shadow(f, t.key).clone() for f in ema.target_factors for t in ema.tracked()}
+
+
+def assert_state(ema, expected: dict) -> None:
+    for (f, key), value in expected.items():
+        assert torch.equal(ema.shadow(f, key), value), (f, key)
+
+
+def reference(fqn: str, shape, factor: float, steps: int) -> torch.Tensor:
+    """Float64 EMA of the live values of a blended tensor after ``steps`` constant-decay updates."""
+    s = target(fqn, shape, torch.float64, 0)
+    for i in range(1, steps + 1):
+        s = factor * s + (1 - factor) * target(fqn, shape, torch.float64, i)
+    return s
+
+
+def committed_file(root, tag="latest", factor=0.9, label="model"):
+    return root / label / f"cp={tag}" / f"ema={factor!r}" / "rank-00000-of-00001.safetensors"
+
+
+# ----------------------------------------------------------------------------- round trip and layout
+def test_round_trip_restores_values_step_and_schedule(tmp_path, caplog):
+    model, ema = make(schedule="warmup")
+    train(model, ema, 4)
+    assert save_ema(ema, tmp_path, "latest") == "latest"
+    saved = snapshot(ema)
+    model2, ema2 = make(step0=7)  # different live weights, default schedule
+    with caplog.at_level(logging.WARNING, logger="shardema"):
+        assert resume_ema(ema2, tmp_path) == "latest"
+    assert ema2.step == 4
+    assert ema2.schedule == ema.schedule and "replaces" in caplog.text
+    assert_state(ema2, saved)
+    # training continues exactly like the uninterrupted run
+    train(model, ema, 2)
+    train(model2, ema2, 2)
+    assert_state(ema2, snapshot(ema))
+
+
+def test_files_follow_the_documented_layout(tmp_path):
+    model, ema = make()
+    train(model, ema, 2)
+    ema.save(tmp_path, "E1_U2_S3")
+    directory = tmp_path / "model" / "cp=E1_U2_S3"
+    assert sorted(p.name for p in directory.iterdir()) == ["ema=0.9", "ema=0.99", "manifest.json"]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["step"] == 2 and manifest["factors"] == [0.9, 0.99] and manifest["world_size"] == 1
+    assert {f["path"] for f in manifest["files"]} == {"ema=0.9/rank-00000-of-00001.safetensors",
+                                                     "ema=0.99/rank-00000-of-00001.safetensors"}
+    path = committed_file(tmp_path, "E1_U2_S3", 0.99)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert {"format", "format_version", "save_id", "tag", "model_path", "factor", "step", "schedule",
+            "world_size", "rank", "mesh_shapes", "tensors"} <= set(meta)
+    assert meta["factor"] == "0.99" and meta["step"] == "2" and json.loads(meta["model_path"]) is None
+    tensors = json.loads(meta["tensors"])
+    # copied buffers (running stats, the int counter) are stored in each factor's file too
+    assert keys == set(tensors) == {t.fqn for t in ema.tracked()}
+    assert tensors["enc.weight"]["global_shape"] == [5, 4] and tensors["enc.weight"]["offset"] == [0, 0]
+    assert tensors["norm.num_batches_tracked"]["dtype"] == "int64"
+    assert not tensors["norm.running_mean"]["blended"] and tensors["enc.weight"]["blended"]
+    loaded = load_file(path)
+    assert torch.equal(loaded["enc.weight"], ema.shadow(0.99, (None, "enc.weight")))
+
+
+def test_bad_tag_raises_before_writing(tmp_path):
+    model, ema = make()
+    with pytest.raises(ValueError, match="'a/b' is not valid"):
+        ema.save(tmp_path, "a/b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_shadows_round_trip_in_their_dtype(tmp_path):
+    model = Net().to(torch.bfloat16)
+    set_live(model, 0)
+    ema = shardema.ShardedEMA(model, FACTORS, shadow_dtype=None)
+    train(model, ema, 2)
+    ema.save(tmp_path)
+    model2 = Net().to(torch.bfloat16)
+    ema2 = shardema.ShardedEMA(model2, FACTORS, shadow_dtype=None)
+    assert ema2.resume(tmp_path) == "latest"
+    assert_state(ema2, snapshot(ema))
+    assert load_consolidated(tmp_path, 0.9)["enc.weight"].dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- fallback and errors
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 7)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) - 5] ^= 0x40  # inside the tensor data, not the header
+    path.write_bytes(bytes(data))
+
+
+def _delete(path):
+    path.unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_byte, _delete])
+def test_damaged_latest_falls_back_to_last(tmp_path, caplog, damage):
+    model, ema = make()
+    train(model, ema, 2)
+    ema.save(tmp_path, "last")
+    at_last = snapshot(ema)
+    train(model, ema, 3)
+    ema.save(tmp_path, "latest")
+    broken = committed_file(tmp_path, "latest", 0.99)
+    damage(broken)
+    _, ema2 = make(step0=5)
+    with caplog.at_level(logging.WARNING, logger="shardema"):
+        assert ema2.resume(tmp_path) == "last"
+    assert str(broken) in caplog.text and "skipping" in caplog.text
+    assert ema2.step == 2
+    assert_state(ema2, at_last)
+
+
+def test_corrupt_manifest_is_not_a_commit(tmp_path, caplog):
+    model, ema = make()
+    train(model, ema, 1)
+    ema.save(tmp_path, "last")
+    ema.save(tmp_path, "latest")
+    manifest = tmp_path / "model" / "cp=latest" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-20])
+    _, ema2 = make()
+    with caplog.at_level(logging.WARNING, logger="shardema"):
+        assert ema2.resume(tmp_path) == "last"
+    assert str(manifest) in caplog.text
+
+
+def test_no_intact_checkpoint_initialises_from_live_or_raises_when_strict(tmp_path, caplog):
+    model, ema = make()
+    train(model, ema, 2)
+    ema.save(tmp_path, "latest")
+    ema.save(tmp_path, "last")
+    for tag in ("latest", "last"):
+        _flip_byte(committed_file(tmp_path, tag, 0.9))
+    model2, ema2 = make(step0=3)
+    with pytest.raises(FileNotFoundError, match="no intact EMA checkpoint"):
+        ema2.resume(tmp_path, strict=True)
+    with caplog.at_level(logging.WARNING, logger="shardema"):
+        assert ema2.resume(tmp_path) is None
+    assert "starts from the live weights" in caplog.text
+    for t in ema2.tracked():
+        for f in FACTORS:
+            assert torch.equal(ema2.shadow(f, t.key), t.local()), t.fqn
+    assert resume_ema(ema2, tmp_path / "missing") is None
+
+
+def test_structure_mismatch_lists_every_difference(tmp_path):
+    model, ema = make()
+    ema.save(tmp_path)
+    _, other = make(hidden=6, extra=True, factors=(0.9, 0.5))
+    with pytest.raises(CheckpointMismatchError) as info:
+        other.resume(tmp_path)
+    text = str(info.value)
+    for expected in ["factor 0.5 is not in", "'enc.weight' has shape [6, 4] in the model but [5, 4]",
+                     "'dec.weight' has shape [3, 6]", "missing 'extra.weight'", "missing 'extra.bias'"]:
+        assert expected in text, expected
+    _, no_norm = make(norm=False)
+    with pytest.raises(CheckpointMismatchError, match="unexpected 'norm.running_var'"):
+        no_norm.resume(tmp_path)
+    _, both = make(model_paths=["enc", "dec"])
+    both.save(tmp_path / "two")
+    _, enc_only = make(model_paths=["enc"])
+    with pytest.raises(CheckpointMismatchError, match="model path 'dec' is in cp=latest but not tracked"):
+        enc_only.resume(tmp_path / "two")
+    enc_only.save(tmp_path / "one")
+    with pytest.raises(CheckpointMismatchError, match="model path 'dec' is tracked but not in cp=latest"):
+        both.resume(tmp_path / "one")
+
+
+# ----------------------------------------------------------------------------- crash windows and cleanup
+class Crash(BaseException):
+    """Stands for the process dying at a rename (no handler may catch it)."""
+
+
+def _count_renames(monkeypatch, crash_at=None):
+    calls = {"n": 0}
+    real_rename, real_replace = os.rename, os.replace
+
+    def wrap(real):
+        def fn(*args, **kwargs):
+            calls["n"] += 1
+            if crash_at is not None and calls["n"] == crash_at:
+                raise Crash(f"crash at rename {crash_at}")
+            return real(*args, **kwargs)
+        return fn
+
+    monkeypatch.setattr(os, "rename", wrap(real_rename))
+    monkeypatch.setattr(os, "replace", wrap(real_replace))
+    return calls
+
+
+def test_a_crash_at_any_rename_leaves_the_old_or_the_new_save(tmp_path, monkeypatch):
+    paths = ["enc", "dec"]  # two model paths: the swap spans two directories
+    model, ema = make(model_paths=paths)
+    train(model, ema, 2)
+    ema.save(tmp_path / "dry", "latest")
+    old = snapshot(ema)
+    train(model, ema, 1)
+    new = snapshot(ema)
+    with monkeypatch.context() as m:
+        calls = _count_renames(m)
+        ema.save(tmp_path / "dry", "latest")
+    total = calls["n"]
+    assert total >= 10  # files, manifests, and the swaps
+    outcomes = set()
+    for k in range(1, total + 1):
+        root = tmp_path / f"crash{k}"
+        ema.step = 2
+        for key, value in old.items():
+            ema.shadow(*key).copy_(value)
+        ema.save(root, "latest")
+        ema.save(root, "E1_U1_S1")
+        for key, value in new.items():
+            ema.shadow(*key).copy_(value)
+        ema.step = 3
+        with monkeypatch.context() as m:
+            _count_renames(m, crash_at=k)
+            with pytest.raises(Crash):
+                ema.save(root, "latest")
+        _, fresh = make(step0=9, model_paths=paths)
+        assert fresh.resume(root) == "latest", k
+        saved_state = old if fresh.step == 2 else new
+        assert fresh.step in (2, 3)
+        assert_state(fresh, saved_state)
+        outcomes.add(fresh.step)
+        # the next save cleans up, the other tag survives
+        ema.save(root, "latest")
+        names = sorted(p.name for mp in paths for p in (root / mp).iterdir())
+        assert names == ["cp=E1_U1_S1", "cp=E1_U1_S1", "cp=latest", "cp=latest"], (k, names)
+        assert fresh.resume(root) == "latest" and fresh.step == 3
+        assert_state(fresh, new)
+    assert outcomes == {2, 3}  # early crashes keep the old save, late ones already show the new one
+
+
+def test_next_save_removes_leftovers_and_keeps_user_data(tmp_path):
+    model, ema = make()
+    train(model, ema, 1)
+    ema.save(tmp_path, "latest")
+    ema.save(tmp_path, "E0_U1_S1")
+    label = tmp_path / "model"
+    # a crash between the two renames of a swap: cp=latest moved to .old, the new save not in place
+    os.rename(label / "cp=latest", label / "cp=latest.old")
+    stale = label / "cp=latest.tmp-deadbeef" / "ema=0.9"
+    stale.mkdir(parents=True)
+    (stale / "rank-00000-of-00001.safetensors.tmp").write_bytes(b"partial")
+    (label / "cp=latest").mkdir()  # a half-written directory without manifest
+    (label / "notes.txt").write_text("mine")
+    states = {i.tag + ":" + i.state for i in list_checkpoints(tmp_path)}
+    assert {"latest:old", "latest:uncommitted", "latest:staging", "E0_U1_S1:committed"} <= states
+    _, fresh = make(step0=4)
+    assert fresh.resume(tmp_path) == "latest" and fresh.step == 1  # read from cp=latest.old
+    train(model, ema, 1)
+    ema.save(tmp_path, "last")  # any save cleans up
+    assert sorted(p.name for p in label.iterdir()) == ["cp=E0_U1_S1", "cp=last", "cp=latest", "notes.txt"]
+    assert fresh.resume(tmp_path) == "latest" and fresh.step == 1
+
+
+# ----------------------------------------------------------------------------- consolidation and CLI
+@pytest.mark.parametrize("buffers", ["copy", "average", "ignore"])
+def test_consolidated_weights_equal_the_float64_reference_and_load_strictly(tmp_path, buffers):
+    model, ema = make(buffers=buffers)
+    steps = 6
+    train(model, ema, steps)
+    ema.save(tmp_path, "last")
+    for factor in FACTORS:
+        sd = load_consolidated(tmp_path, factor, tag="last")
+        replica = Net()
+        if buffers == "ignore":
+            assert not any(k.startswith("norm.running") for k in sd)
+            result = replica.load_state_dict(sd, strict=False)
+            # (BatchNorm itself tolerates a missing num_batches_tracked)
+            assert {"norm.running_mean", "norm.running_var"} <= set(result.missing_keys)
+        else:
+            replica.load_state_dict(sd, strict=True)
+        for name, p in replica.named_parameters():
+            torch.testing.assert_close(p.double(), reference(name, p.shape, factor, steps), rtol=1e-5, atol=1e-6)
+        if buffers != "ignore":
+            assert int(replica.norm.num_batches_tracked) == steps
+            expected = (reference("norm.running_mean", (5,), factor, steps) if buffers == "average"
+                        else target("norm.running_mean", (5,), torch.float64, steps))
+            torch.testing.assert_close(replica.norm.running_mean.double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"saved factors: \[0.9, 0.99\]"):
+        load_consolidated(tmp_path, 0.5, tag="last")
+    with pytest.raises(FileNotFoundError, match="cp=latest"):
+        load_consolidated(tmp_path, 0.9)
+
+
+def test_consolidated_model_path_keys_are_relative(tmp_path):
+    model, ema = make(model_paths=["enc", "dec"])
+    train(model, ema, 3)
+    ema.save(tmp_path)
+    sd = load_consolidated(tmp_path, 0.99, model_path="enc")
+    assert set(sd) == {"weight", "bias"}
+    nn.Linear(4, 5).load_state_dict(sd, strict=True)
+    torch.testing.assert_close(sd["weight"].double(), reference("enc.weight", (5, 4), 0.99, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_consolidate_detects_a_corrupt_piece(tmp_path):
+    model, ema = make()
+    ema.save(tmp_path)
+    _flip_byte(committed_file(tmp_path, "latest", 0.9))
+    with pytest.raises(ValueError, match="CRC-32"):
+        load_consolidated(tmp_path, 0.9)
+
+
+def test_cli_consolidate_and_inspect(tmp_path, capsys):
+    model, ema = make()
+    train(model, ema, 3)
+    ema.save(tmp_path, "latest")
+    ema.save(tmp_path, "E1_U3_S3")
+    out = tmp_path / "out" / "ema.safetensors"
+    assert cli_main(["consolidate", str(tmp_path), "--factor", "0.99", "--tag", "E1_U3_S3", "--out", str(out)]) == 0
+    written = load_file(out)
+    expected = load_consolidated(tmp_path, 0.99, tag="E1_U3_S3")
+    assert set(written) == set(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["step"] == "3" and f.metadata()["factor"] == "0.99"
+    Net().load_state_dict(written, strict=True)
+    capsys.readouterr()
+
+    assert cli_main(["inspect", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["model", "path", "tag", "state"]
+    assert any(line.split()[:4] == ["model", "latest", "committed", "3"] for line in lines), table
+    assert any(line.split()[:3] == ["model", "E1_U3_S3", "committed"] for line in lines), table
+    assert "0.9,0.99" in table
+
+    _flip_byte(committed_file(tmp_path, "latest", 0.9))
+    assert cli_main(["inspect", str(tmp_path), "--verify", "--json"]) == 0
+    listed = {i["tag"]: i for i in json.loads(capsys.readouterr().out)}
+    assert listed["latest"]["state"] == "corrupt" and "CRC-32" in listed["latest"]["problem"]
+    assert listed["E1_U3_S3"]["state"] == "committed" and listed["E1_U3_S3"]["world_size"] == 1
+
+    assert cli_main(["consolidate", str(tmp_path), "--factor", "0.9", "--tag", "nope", "--out", str(out)]) == 1
+    assert "no committed EMA checkpoint" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_module(tmp_path):
+    model, ema = make()
+    ema.save(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "shardema.cli", "inspect", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "latest" in result.stdout and "committed" in result.stdout
