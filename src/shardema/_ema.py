@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -326,16 +325,18 @@ class ShardedEMA:
             return {f: 0.0 for f in self.target_factors}
         return {f: self.schedule.decay(f, self.step) for f in self.target_factors}
 
-    @contextmanager
-    def swapped(self, factor: float, model_paths: Sequence[str | None] | str | None = None) -> Iterator[None]:
+    def swapped(self, factor: float, model_paths: Sequence[str | None] | str | None = None, *,
+                scratch_bytes: int | None = None, backup_to_host: bool = False):
         """Collective context manager: the EMA weights of ``factor`` live in the model inside.
 
-        See :mod:`shardema._swap` for the protocol.
+        Yields a :class:`shardema.SwapInfo` (mode, extra bytes held on this rank).
+        ``scratch_bytes`` bounds the in-place exchange buffer (default 64 MiB);
+        ``backup_to_host`` keeps backups of CUDA shards (when the shadow dtype differs
+        from the live dtype) in pinned host memory. See docs/swap.md.
         """
         from ._swap import swap_context
 
-        with swap_context(self, factor, model_paths):
-            yield
+        return swap_context(self, factor, model_paths, scratch_bytes=scratch_bytes, backup_to_host=backup_to_host)
 
     # ------------------------------------------------------------------ Stateful
     def _dtensor_or_local(self, t: LiveTensor, local: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The ``shardema`` command line: ``consolidate`` and ``inspect`` (no process group needed).
+"""The ``shardema`` command line: ``consolidate``, ``inspect`` (no process group needed) and ``launch``.
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that registers its
 parser and sets ``handler`` to a ``_run_<name>(args) -> int`` function; :func:`main`
@@ -85,7 +85,24 @@ def _run_inspect(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_consolidate, _add_inspect)
+def _add_launch(subparsers) -> None:
+    p = subparsers.add_parser(
+        "launch", add_help=False, help="torchrun with defaults: --standalone, --nproc-per-node = GPUs or 2",
+        description="Run torch.distributed.run (torchrun) with every flag it takes. When no rendezvous flag "
+                    "is given, --standalone is added; when no --nproc-per-node is given, the number of GPUs "
+                    "(2 without GPUs) is used. Example: shardema launch launch/train.py --config CONFIG")
+    p.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="torchrun flags, the script and its arguments")
+    p.set_defaults(handler=_run_launch)
+
+
+def _run_launch(args) -> int:
+    from ._launch import launch
+
+    launch(args.torchrun_args)
+    return 0
+
+
+SUBCOMMANDS = (_add_consolidate, _add_inspect, _add_launch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shardema`` command; returns the exit status (errors: 1 with a message)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        # Everything after `launch` belongs to torchrun, flags included: no parsing here.
+        return _run_launch(argparse.Namespace(torchrun_args=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:

@@ -8,6 +8,7 @@ A worker that raises fails the test with its traceback; a hang fails it after
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -35,7 +36,11 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout_s):
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout_s))
         result = fn(*args)
-        queue.put((rank, "ok", result))
+        # Serialise here: tensors sent through the queue would share memory with a
+        # process that may exit before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report everything, including assertion failures
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -97,4 +102,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, pg_t
     errors = {r: v for r, (s, v) in results.items() if s == "error"}
     if errors and not allow_errors:
         raise AssertionError("\n".join(f"--- rank {r} failed:\n{v}" for r, v in sorted(errors.items())))
-    return [results[r][1] if results[r][0] == "ok" else ("error", results[r][1]) for r in range(world_size)]
+    import torch
+
+    return [torch.load(io.BytesIO(results[r][1]), weights_only=False) if results[r][0] == "ok"
+            else ("error", results[r][1]) for r in range(world_size)]

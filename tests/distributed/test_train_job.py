@@ -76,7 +76,7 @@ def test_a_two_rank_run_commits_ema_checkpoints_and_metrics(reference_run):
 
     run_dir, output = reference_run
     infos = list_checkpoints(run_dir / "ema")
-    committed = {(i.tag, i.step) for i in infos if i.committed}
+    committed = {(i.tag, i.step) for i in infos if i.state == "committed"}
     assert {("latest", 24), ("last", 24), ("E0_U8_S128", 8), ("E0_U16_S256", 16)} <= committed
     assert all(i.world_size == 2 for i in infos)
     records = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

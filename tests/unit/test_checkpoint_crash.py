@@ -13,7 +13,6 @@ import sys
 import time
 import zlib
 
-import pytest
 import torch
 from torch import nn
 

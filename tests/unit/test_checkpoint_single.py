@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import zlib
@@ -15,8 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import shardema
-from shardema.checkpoint import (CheckpointMismatchError, list_checkpoints, load_consolidated, resume_ema,
-                                 save_ema)
+from shardema.checkpoint import (CheckpointMismatchError, list_checkpoints, load_consolidated, load_ema,
+                                 resume_ema, save_ema)
 from shardema.cli import main as cli_main
 
 FACTORS = (0.9, 0.99)
@@ -209,6 +208,29 @@ def test_no_intact_checkpoint_initialises_from_live_or_raises_when_strict(tmp_pa
         for f in FACTORS:
             assert torch.equal(ema2.shadow(f, t.key), t.local()), t.fqn
     assert resume_ema(ema2, tmp_path / "missing") is None
+
+
+def test_load_ema_reads_one_given_tag_without_fallback(tmp_path):
+    model, ema = make()
+    train(model, ema, 2)
+    ema.save(tmp_path, "E0_U2_S2")
+    at_two = snapshot(ema)
+    train(model, ema, 2)
+    ema.save(tmp_path, "latest")
+    ema.save(tmp_path, "E0_U4_S4")
+    model2, ema2 = make(step0=8)
+    assert load_ema(ema2, tmp_path, "E0_U2_S2") == "E0_U2_S2" and ema2.step == 2
+    assert_state(ema2, at_two)
+    with pytest.raises(FileNotFoundError, match="cp=E0_U9_S9"):
+        load_ema(ema2, tmp_path, "E0_U9_S9")
+    _flip_byte(committed_file(tmp_path, "E0_U4_S4", 0.9))
+    with pytest.raises(FileNotFoundError, match="no intact EMA checkpoint cp=E0_U4_S4"):
+        load_ema(ema2, tmp_path, "E0_U4_S4")
+    for t in ema2.tracked():  # a checkpoint that failed verification is never loaded
+        assert torch.equal(ema2.shadow(0.99, t.key), at_two[(0.99, t.key)]), t.fqn
+    ema2.state = shardema.EMAState.SWAPPED
+    with pytest.raises(RuntimeError, match="inside `with ema.swapped"):
+        load_ema(ema2, tmp_path, "latest")
 
 
 def test_structure_mismatch_lists_every_difference(tmp_path):

@@ -7,12 +7,13 @@ from ._consolidate import ConsolidatedReader, consolidate_to_file, load_consolid
 from ._format import FORMAT_VERSION, validate_tag
 from ._inspect import CheckpointInfo, list_checkpoints
 from ._manifest import ManifestError
-from ._reader import CheckpointMismatchError, resume_ema
+from ._reader import CheckpointMismatchError, load_ema, resume_ema
 from ._writer import cleanup_leftovers, save_ema
 
 __all__ = [
     "save_ema",
     "resume_ema",
+    "load_ema",
     "load_consolidated",
     "consolidate_to_file",
     "ConsolidatedReader",

@@ -19,6 +19,8 @@ Which ranks run each step of ``resume_ema``:
    the problems (agreement) and skip the candidate everywhere if any rank found one.
 3. All ranks read their slices; gather failures; skip the candidate if any.
 4. All ranks restore the step and the schedule and return the tag.
+
+:func:`load_ema` runs the same steps for one given tag, without fallback.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from pathlib import Path
 import torch
 
 from .. import _dist
+from .._ema import EMAState
 from .._log import logger
 from .._schedule import DecaySchedule
 from .._shards import path_label
-from ._format import RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32
+from ._format import RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32, validate_tag
 from ._io import file_crc32
 from ._manifest import Candidate, find_candidates, saved_factor
 from ._writer import group_root
@@ -174,10 +177,10 @@ def _load(ema, candidate: Candidate) -> None:
                 _target_view(shadow, t, offset, shape).copy_(data.view(shape))
 
 
-def _discover(root: Path, model_paths) -> tuple[list[Candidate], list[str]]:
+def _discover(root: Path, model_paths, tags) -> tuple[list[Candidate], list[str]]:
     problems: list[str] = []
     candidates = []
-    for tag in RESUME_ORDER:
+    for tag in tags:
         candidates.extend(find_candidates(root, model_paths, tag, problems))
     return candidates, problems
 
@@ -186,23 +189,14 @@ def _agreed_problems(mine: list[str], group) -> list[str]:
     return [p for share in _dist.all_gather_objects(mine, group=group) for p in share]
 
 
-@torch.no_grad()
-def resume_ema(ema, root, strict: bool = False) -> str | None:
-    """Collective: restore ``ema`` from ``cp=latest``, else ``cp=last``; else keep the live init.
-
-    Returns the tag used, or None after initialising the shadows from the live
-    weights (with a warning; ``strict=True`` raises ``FileNotFoundError`` instead).
-    Corrupt or incomplete candidates are skipped with a warning naming the file.
-    Raises :class:`CheckpointMismatchError` listing every difference when the saved
-    structure does not match the EMA.
-    """
-    root = Path(root)
+def _load_first(ema, root: Path, tags) -> tuple[str | None, bool]:
+    """Collective: load the first intact candidate of ``tags``; ``(tag or None, shadows touched)``."""
     group = ema.process_group
     rank, world = _dist.rank(group), _dist.world_size(group)
     found = None
     if rank == 0:
         try:
-            found = _discover(root, ema.model_paths)
+            found = _discover(root, ema.model_paths, tags)
         except Exception as exc:  # e.g. permission denied: every rank raises below
             found = f"{type(exc).__name__}: {exc}"
     found = _dist.broadcast_object(found, src=group_root(group), group=group)
@@ -216,6 +210,8 @@ def resume_ema(ema, root, strict: bool = False) -> str | None:
     for candidate in candidates:
         differences = structure_differences(ema, candidate)
         if differences:
+            if touched:
+                ema._initialise_from_live()
             raise CheckpointMismatchError(
                 f"the EMA checkpoint {candidate.describe()} does not match this EMA "
                 f"({len(differences)} difference(s)):\n  " + "\n  ".join(differences)
@@ -239,8 +235,31 @@ def resume_ema(ema, root, strict: bool = False) -> str | None:
         if saved != ema.schedule:
             logger.warning("the saved schedule %s replaces the configured %s", saved, ema.schedule)
             ema.schedule = saved
-        logger.info("resumed EMA step %d from %s", ema.step, candidate.describe())
-        return candidate.tag
+        logger.info("loaded EMA step %d from %s", ema.step, candidate.describe())
+        return candidate.tag, touched
+    return None, touched
+
+
+def _require_idle(ema, what: str) -> None:
+    if ema.state is not EMAState.IDLE:
+        raise RuntimeError(f"{what}() was called inside `with ema.swapped(...)`; call it after the block exits")
+
+
+@torch.no_grad()
+def resume_ema(ema, root, strict: bool = False) -> str | None:
+    """Collective: restore ``ema`` from ``cp=latest``, else ``cp=last``; else keep the live init.
+
+    Returns the tag used, or None after initialising the shadows from the live
+    weights (with a warning; ``strict=True`` raises ``FileNotFoundError`` instead).
+    Corrupt or incomplete candidates are skipped with a warning naming the file.
+    Raises :class:`CheckpointMismatchError` listing every difference when the saved
+    structure does not match the EMA.
+    """
+    _require_idle(ema, "ema.resume")
+    root = Path(root)
+    tag, touched = _load_first(ema, root, RESUME_ORDER)
+    if tag is not None:
+        return tag
     tried = ", ".join(cp_dirname(t) for t in RESUME_ORDER)
     if strict:
         if touched:  # a failed load may have written part of the shadows
@@ -249,6 +268,27 @@ def resume_ema(ema, root, strict: bool = False) -> str | None:
                                 f"{[path_label(m) for m in ema.model_paths]}; pass strict=False to start "
                                 "from the live weights")
     ema._initialise_from_live()
-    if rank == 0:
+    if _dist.rank(ema.process_group) == 0:
         logger.warning("no intact EMA checkpoint (%s) under %s: the EMA starts from the live weights", tried, root)
     return None
+
+
+@torch.no_grad()
+def load_ema(ema, root, tag: str) -> str:
+    """Collective: load exactly ``cp=<tag>`` (e.g. an iteration tag such as ``E3_U300_S9600``).
+
+    Same verification and resharding as :func:`resume_ema`, without fallback: raises
+    ``FileNotFoundError`` when the tag has no intact committed version (the shadows are
+    then reset to the live weights if a failed read touched them). Returns the tag.
+    """
+    _require_idle(ema, "shardema.checkpoint.load_ema")
+    validate_tag(tag)
+    root = Path(root)
+    loaded, touched = _load_first(ema, root, (tag,))
+    if loaded is None:
+        if touched:
+            ema._initialise_from_live()
+        raise FileNotFoundError(f"no intact EMA checkpoint {cp_dirname(tag)} under {root} for model paths "
+                                f"{[path_label(m) for m in ema.model_paths]}; list what exists with "
+                                f"`shardema inspect {root}`")
+    return loaded
