@@ -283,7 +283,8 @@ def target(name: str, goal: str, measured, met: bool | None, note: str = "") -> 
 
 def write_json(payload: dict, out_dir: Path, stem: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if "load_average_end" not in payload["machine"]:  # kept when tables are re-rendered from a result
+        payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
     return path

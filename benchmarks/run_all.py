@@ -52,6 +52,8 @@ def run_script(name: str, args, out: Path, timeout_s: float) -> dict:
         cmd.append("--quick")
     if args.no_progress:
         cmd.append("--no-progress")
+    if args.render_only:
+        cmd.append("--render-only")
     print(f"[run_all] {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -119,24 +121,33 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke runs of every benchmark (< 2 minutes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="results directory (default by mode)")
-    parser.add_argument("--docs", type=Path, default=DOCS, help="the markdown file whose results section is rewritten")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="markdown file whose results section is rewritten (default: docs/benchmarks.md, "
+                             "except with --quick, which touches no docs unless this is given)")
     parser.add_argument("--no-docs", action="store_true", help="do not touch the docs")
     parser.add_argument("--only", default="", help="comma-separated subset: update_latency,sharded,swap_checkpoint")
     parser.add_argument("--timeout", type=float, default=0, help="per-benchmark timeout in seconds")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rebuild tables, plots and docs from the JSON already in the output directory")
     args = parser.parse_args(argv)
     out = args.out or default_out(args.device, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in SUITES[args.device] if not args.only or n in args.only.split(",")]
     timeout_s = args.timeout or (110 if args.quick else 1200)
     runs = {name: run_script(name, args, out, timeout_s) for name in names}
-    section, targets = results_section(out, runs, args.device, args.quick, args.docs.parent)
+    previous = out / "summary.json"
+    if args.render_only and previous.exists():  # keep the run times of the measuring run
+        measured = json.loads(previous.read_text())["runs"]
+        runs = {n: measured.get(n, r) if r["exit"] == 0 else r for n, r in runs.items()}
+    docs = None if args.no_docs else (args.docs or (None if args.quick else DOCS))
+    section, targets = results_section(out, runs, args.device, args.quick, (docs or DOCS).parent)
     summary = {"schema_version": C.SCHEMA_VERSION, "benchmark": "summary", "mode": "quick" if args.quick else "full",
                "device": args.device, "runs": runs, "targets": targets}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if not args.no_docs:
-        update_docs(args.docs, section, args.device, args.quick)
-        print(f"[run_all] updated {args.docs}")
+    if docs is not None:
+        update_docs(docs, section, args.device, args.quick)
+        print(f"[run_all] updated {docs}")
     for t in targets:
         print(f"[run_all] target {t['benchmark']}/{t['name']}: {t['measured']} -> {C.met_word(t['met'])}")
     failed = [n for n, r in runs.items() if r["exit"] != 0]

@@ -245,8 +245,14 @@ def main(argv=None) -> int:
     parser.add_argument("--size", default="", help="parameter count, e.g. 64e6")
     parser.add_argument("--out", type=Path, default=C.DEFAULT_RESULTS)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-derive targets, tables and plots from the JSON already in --out (no measuring)")
     args = parser.parse_args(argv)
-    result = run(args)
+    if args.render_only:
+        result = json.loads((args.out / "sharded.json").read_text())
+        result["targets"] = targets(result["cases"], result["config"])
+    else:
+        result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     result["plots"] = plots(result, args.out)
     path = C.write_json(result, args.out, "sharded")

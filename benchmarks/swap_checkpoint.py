@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import shutil
 import sys
@@ -283,8 +284,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=C.DEFAULT_RESULTS)
     parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-derive tables and plots from the JSON already in --out (no measuring)")
     args = parser.parse_args(argv)
-    result = run(args)
+    if args.render_only:
+        result = json.loads((args.out / "swap_checkpoint.json").read_text())
+    else:
+        result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     result["plots"] = plots(result, args.out)
     path = C.write_json(result, args.out, "swap_checkpoint")

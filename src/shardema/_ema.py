@@ -154,6 +154,10 @@ class ShardedEMA:
         self._tracked = collect(model, list(self.model_paths), include_frozen=include_frozen,
                                 buffers=buffers, group=process_group)
         self._build_storage()
+        # Registered-tensor counts of every owning module: a cheap per-update check that
+        # nothing was added to or removed from them.
+        owners = {id(t.owner): t.owner for t in self._tracked}
+        self._owner_counts = [(m, len(m._parameters), len(m._buffers)) for m in owners.values()]
         self._initialise_from_live()
         logger.info("tracking %d tensors in %d model path(s) with factors %s: %d shadow bytes on this rank",
                     len(self._tracked), len(self.model_paths), list(self.target_factors), self.shadow_bytes)
@@ -288,6 +292,20 @@ class ShardedEMA:
             torch._foreach_copy_(dsts, srcs)
 
     # ------------------------------------------------------------------ public API
+    def _raise_structure_changed(self) -> None:
+        """Raise naming the FQNs added to or removed from the tracked model paths."""
+        reshard_fsdp(self.model)
+        now = {t.key for t in collect(self.model, list(self.model_paths), include_frozen=self.include_frozen,
+                                      buffers=self.buffers, group=self.process_group)}
+        before = {t.key for t in self._tracked}
+        changes = [f"added {path_label(p)}:{f}" for p, f in sorted(now - before, key=str)]
+        changes += [f"removed {path_label(p)}:{f}" for p, f in sorted(before - now, key=str)]
+        raise RuntimeError(
+            "the model's parameter set changed since the EMA was created ("
+            + (", ".join(changes) or "a registered tensor was replaced") +
+            "); create a new ShardedEMA after changing the model's parameters"
+        )
+
     def _require_idle(self, what: str) -> None:
         if self.state is not EMAState.IDLE:
             raise RuntimeError(f"ema.{what}() was called inside `with ema.swapped(...)`; call it after the block exits")
@@ -300,6 +318,9 @@ class ShardedEMA:
         in Python floats, so the call neither syncs with the device nor allocates.
         """
         self._require_idle("update")
+        for owner, num_params, num_buffers in self._owner_counts:
+            if len(owner._parameters) != num_params or len(owner._buffers) != num_buffers:
+                self._raise_structure_changed()
         step = self.step
         if self.schedule.is_tracking(step):
             for group in self._groups:

@@ -294,7 +294,12 @@ def test_update_after_the_parameter_set_changed_names_the_fqn():
     model = TwoTower()
     ema = ShardedEMA(model, 0.9)
     del model.decoder[0]._parameters["bias"]
-    with pytest.raises(RuntimeError, match="'decoder.0.bias'.*no longer registered"):
+    with pytest.raises(RuntimeError, match="parameter set changed.*removed model:decoder.0.bias"):
+        ema.update()
+    model = TwoTower()
+    ema = ShardedEMA(model, 0.9)
+    model.decoder[0].scale = nn.Parameter(torch.ones(3))
+    with pytest.raises(RuntimeError, match="parameter set changed.*added model:decoder.0.scale"):
         ema.update()
     model = TwoTower()
     ema = ShardedEMA(model, 0.9)

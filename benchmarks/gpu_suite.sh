@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU benchmark suite: update latency (roofline, peers, K factors, bf16) and swap /
+# checkpoint on one CUDA device, in under 5 minutes. Results go to
+# benchmarks/results/cuda/ and the CUDA results section of docs/benchmarks.md.
+#
+#   bash benchmarks/gpu_suite.sh            # full GPU suite
+#   bash benchmarks/gpu_suite.sh --quick    # smoke run on the GPU (< 1 minute)
+#
+# The sharded benchmark is not part of it: its ranks are CPU/gloo processes (several
+# NCCL ranks cannot share one GPU), measured by the CPU suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python}"
+"$PYTHON" - <<'PY'
+import torch
+assert torch.cuda.is_available(), "gpu_suite.sh needs a CUDA device (torch.cuda.is_available() is False)"
+print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
+PY
+# Each benchmark has its own limit inside run_all; the whole suite must end within 5 minutes.
+exec timeout 295 "$PYTHON" benchmarks/run_all.py --device cuda --no-progress --timeout 170 "$@"
