@@ -114,7 +114,13 @@ def train_batch(data: torch.Tensor, data_config, seed: int, update: int, rank: i
 
 
 def validation_batches(data: torch.Tensor, data_config, rank: int, world: int, device: torch.device) -> list:
-    """This rank's share of a fixed validation set (``val_batches`` batches in all)."""
+    """This rank's share of a fixed validation set (``val_batches`` batches in all).
+
+    Every rank gets the same number of batches: evaluation forwards are collective
+    under FSDP2, so unequal counts would leave a rank waiting for the others.
+    """
+    if data_config.val_batches % world:
+        raise ValueError(f"data.val_batches={data_config.val_batches} must be a multiple of the world size {world}")
     generator = torch.Generator().manual_seed(12_345)
     batches = [batch(data, data_config.batch_size, data_config.context, generator)
                for _ in range(data_config.val_batches)]

@@ -147,10 +147,12 @@ class CheckpointManager:
 
     def resume(self, model, optimizer, runner: CallbackRunner) -> int:
         """Collective: load the newest committed checkpoint; returns its update (0 if none)."""
-        committed = self._committed()
-        if not committed:
+        # Rank 0 decides, so every rank loads the same folder whatever its file-system view.
+        choice = [self._committed()[-1] if dist.get_rank() == 0 and self._committed() else None]
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
             return 0
-        update, path = committed[-1]
+        update, path = choice[0]
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(path))
@@ -164,7 +166,13 @@ class CheckpointManager:
 
                 log.warning("%s: EMA cp=latest is at step %d, the model at update %d; loading cp=%s",
                             cb.name, cb.ema.step, update, tag)
-                load_ema(cb.ema, cb.root, tag)
+                try:
+                    load_ema(cb.ema, cb.root, tag)
+                except FileNotFoundError as error:
+                    raise RuntimeError(
+                        f"{cb.name}: no EMA checkpoint at the model's update {update} (cp={tag}); set "
+                        "save_weights: true and every_n_updates equal to train.checkpoint_every so a resume "
+                        f"can always find one, or delete {self.directory} to restart") from error
         log.info("resumed from %s (update %d)", path, update)
         return update
 

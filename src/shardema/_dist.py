@@ -1,4 +1,4 @@
-"""Rank helpers and the one agreement collective the library uses.
+"""Rank helpers and the small agreement collectives the library uses.
 
 Every collective goes through ``torch.distributed`` on the process group the
 user gave (default: the world group). Nothing here runs when no process group

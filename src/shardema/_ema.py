@@ -188,6 +188,8 @@ class ShardedEMA:
         self._copies: dict[tuple, torch.Tensor] = {
             t.key: torch.empty(t.local_shape, dtype=t.dtype, device=t.device) for t in self._copied
         }
+        self._copy_lives: list[torch.Tensor] = []
+        self._copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._scratch: dict[torch.device, torch.Tensor] = {}
         for group in self._groups:
             if any(m.dtype != group.shadow_dtype for m in group.members) and group.flat.device not in self._scratch:
@@ -272,16 +274,16 @@ class ShardedEMA:
         return group.plan
 
     def _copied_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(destinations, live sources) of the copied tensors; cached while the live tensors are unchanged."""
         lives = [t.local() for t in self._copied]
-        for t, live in zip(self._copied, lives):
-            if tuple(live.shape) != t.local_shape:
-                reshard_fsdp(self.model)
-                break
-        lives = [t.local() for t in self._copied]
-        self._check_live(self._copied, lives)
-        dsts = [self._copies[t.key] for t in self._copied]
-        keep = [i for i, live in enumerate(lives) if live.numel() > 0]
-        return [dsts[i] for i in keep], [lives[i] for i in keep]
+        if not self._same_tensors(lives, self._copy_lives):
+            reshard_fsdp(self.model)
+            lives = [t.local() for t in self._copied]
+            self._check_live(self._copied, lives)
+            keep = [i for i, live in enumerate(lives) if live.numel() > 0]
+            self._copy_pairs = ([self._copies[self._copied[i].key] for i in keep], [lives[i] for i in keep])
+            self._copy_lives = lives
+        return self._copy_pairs
 
     @torch.no_grad()
     def _initialise_from_live(self) -> None:
@@ -292,17 +294,24 @@ class ShardedEMA:
             torch._foreach_copy_(dsts, srcs)
 
     # ------------------------------------------------------------------ public API
-    def _raise_structure_changed(self) -> None:
-        """Raise naming the FQNs added to or removed from the tracked model paths."""
+    def _check_structure(self) -> None:
+        """Raise naming the FQNs added to or removed from the tracked model paths.
+
+        Called when an owning module's registered-tensor count changed; a change the EMA
+        does not track (a non-persistent buffer, an ignored buffer, a frozen parameter
+        with ``include_frozen=False``) only refreshes the counts.
+        """
         reshard_fsdp(self.model)
         now = {t.key for t in collect(self.model, list(self.model_paths), include_frozen=self.include_frozen,
                                       buffers=self.buffers, group=self.process_group)}
         before = {t.key for t in self._tracked}
+        if now == before:
+            self._owner_counts = [(m, len(m._parameters), len(m._buffers)) for m, _, _ in self._owner_counts]
+            return
         changes = [f"added {path_label(p)}:{f}" for p, f in sorted(now - before, key=str)]
         changes += [f"removed {path_label(p)}:{f}" for p, f in sorted(before - now, key=str)]
         raise RuntimeError(
-            "the model's parameter set changed since the EMA was created ("
-            + (", ".join(changes) or "a registered tensor was replaced") +
+            "the model's parameter set changed since the EMA was created (" + ", ".join(changes) +
             "); create a new ShardedEMA after changing the model's parameters"
         )
 
@@ -320,7 +329,8 @@ class ShardedEMA:
         self._require_idle("update")
         for owner, num_params, num_buffers in self._owner_counts:
             if len(owner._parameters) != num_params or len(owner._buffers) != num_buffers:
-                self._raise_structure_changed()
+                self._check_structure()
+                break
         step = self.step
         if self.schedule.is_tracking(step):
             for group in self._groups:
@@ -341,9 +351,12 @@ class ShardedEMA:
         self._initialise_from_live()
 
     def current_decays(self) -> dict[float, float]:
-        """Decay the next ``update()`` would apply, per factor (0 when it only copies)."""
+        """Decay the next ``update()`` applies, per factor: 0 when it copies the live weights
+        (before ``start_step``), 1 when ``update_every`` skips it."""
         if self.schedule.is_tracking(self.step):
             return {f: 0.0 for f in self.target_factors}
+        if not self.schedule.is_update_step(self.step):
+            return {f: 1.0 for f in self.target_factors}
         return {f: self.schedule.decay(f, self.step) for f in self.target_factors}
 
     def swapped(self, factor: float, model_paths: Sequence[str | None] | str | None = None, *,
@@ -388,7 +401,7 @@ class ShardedEMA:
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Load a :meth:`state_dict` (also full, unsharded tensors: this rank's slice is taken)."""
         self._require_idle("load_state_dict")
-        missing, shape_errors = [], []
+        missing, shape_errors, copies = [], [], []
         for factor in self.target_factors:
             for t in self._tracked:
                 key = self.state_key(factor, t)
@@ -402,7 +415,7 @@ class ShardedEMA:
                         shape_errors.append(f"{key}: shape {tuple(value.shape)} != {t.global_shape}")
                         continue
                     if value._local_tensor is target:
-                        continue
+                        continue  # loaded in place (torch.distributed.checkpoint)
                     if t.placements is not None and tuple(value.placements) == t.placements:
                         value = value._local_tensor
                     else:
@@ -413,12 +426,14 @@ class ShardedEMA:
                     shape_errors.append(f"{key}: shape {tuple(value.shape)} != {t.global_shape}")
                     continue
                 if value is not target:
-                    target.copy_(value)
+                    copies.append((target, value))
         expected = {self.state_key(f, t) for f in self.target_factors for t in self._tracked}
         unexpected = [k for k in state_dict if k.startswith("ema=") and k not in expected]
         problems = [f"missing key {k}" for k in missing] + [f"unexpected key {k}" for k in unexpected] + shape_errors
-        if problems and strict:
+        if problems and strict:  # nothing was changed
             raise RuntimeError("EMA state dict does not match this EMA:\n  " + "\n  ".join(problems))
+        for target, value in copies:
+            target.copy_(value)
         if "step" in state_dict:
             self.step = int(state_dict["step"])
         if "schedule" in state_dict:

@@ -10,7 +10,7 @@ attribute name, and :meth:`LiveTensor.local` fetches the current local piece.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
@@ -30,12 +30,16 @@ BufferPolicy = Literal["copy", "average", "ignore"]
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper, else ``model``."""
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers, else ``model``."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def clean_fqn(name: str) -> str:
@@ -72,6 +76,7 @@ class LiveTensor:
     mesh: object | None  # DeviceMesh for DTensors
     placements: tuple | None
     writes_checkpoint: bool  # False on ranks that hold a duplicate replica of this piece
+    aliases: list[str] = field(default_factory=list)  # other FQNs of the same tensor (tied weights)
 
     @property
     def key(self) -> tuple[str | None, str]:
@@ -196,27 +201,38 @@ def collect(model: nn.Module, model_paths: list[str | None], *, include_frozen: 
             buffers: BufferPolicy, group=None) -> list[LiveTensor]:
     """Describe every tracked parameter (and buffer, unless ignored) of every model path."""
     tracked: list[LiveTensor] = []
-    seen: set[int] = set()
+    seen: dict[int, LiveTensor | None] = {}  # id -> its LiveTensor (None: seen, not tracked)
+
+    def first_sight(value, model_path, fqn) -> bool:
+        if id(value) not in seen:
+            return True
+        owner = seen[id(value)]
+        if owner is not None and owner.model_path == model_path and fqn != owner.fqn:
+            owner.aliases.append(fqn)  # tied weights: one shadow, every name kept for export
+        return False
+
     for model_path in model_paths:
         root = resolve_model_path(model, model_path)
         count_before = len(tracked)
-        for module_name, module in root.named_modules():
+        for module_name, module in root.named_modules(remove_duplicate=False):
             for attr, value in module._parameters.items():
-                if value is None or id(value) in seen:
+                fqn = clean_fqn(f"{module_name}.{attr}" if module_name else attr)
+                if value is None or not first_sight(value, model_path, fqn):
                     continue
-                seen.add(id(value))
+                seen[id(value)] = None
                 if not include_frozen and not value.requires_grad:
                     continue
-                fqn = clean_fqn(f"{module_name}.{attr}" if module_name else attr)
                 tracked.append(describe(model_path, fqn, module, attr, value, False, group))
+                seen[id(value)] = tracked[-1]
             if buffers == "ignore":
                 continue
             for attr, value in module._buffers.items():
-                if value is None or id(value) in seen or attr in module._non_persistent_buffers_set:
-                    continue
-                seen.add(id(value))
                 fqn = clean_fqn(f"{module_name}.{attr}" if module_name else attr)
+                if value is None or attr in module._non_persistent_buffers_set or \
+                        not first_sight(value, model_path, fqn):
+                    continue
                 tracked.append(describe(model_path, fqn, module, attr, value, True, group))
+                seen[id(value)] = tracked[-1]
         if not any(not t.is_buffer for t in tracked[count_before:]):
             raise ValueError(
                 f"model path {path_label(model_path)!r} has no parameters to average"

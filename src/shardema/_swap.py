@@ -2,7 +2,8 @@
 
 [Note: swap protocol]
 Every rank of the EMA's process group enters the block together. Each rank then
-works on its own local shards only; the single collective is the agreement at exit:
+works on its own local shards only; the collectives are two tiny agreements, one
+after the swap-in and one at exit:
 
 1. (every rank, local) validate the factor and model paths, refuse a nested swap,
    mark the EMA ``SWAPPED``.
@@ -10,11 +11,14 @@ works on its own local shards only; the single collective is the agreement at ex
    again, then re-resolve the live local tensors.
 3. (every rank, local) allocate the swap memory (scratch buffer and backups), then
    put the EMA values into the live local shards.
-4. (every rank) run the body.
+4. (every rank, collective) entry agreement: one all-reduce of a ``world_size`` flag
+   vector says whether step 3 failed anywhere; if so no rank runs the body (its
+   collectives would never be joined by the failed rank): all restore and raise.
+   Otherwise every rank runs the body.
 5. (every rank, local, also when the body raised) reshard FSDP2 modules again,
    re-resolve the live local tensors and restore them bit-exact; mark ``IDLE``.
-6. (every rank, collective) one all-reduce of a ``world_size`` flag vector tells
-   every rank which ranks failed in steps 3-5. A failed rank re-raises its own
+6. (every rank, collective, when the body ran) one all-reduce of a ``world_size``
+   flag vector tells every rank which ranks failed in steps 4-5. A failed rank re-raises its own
    exception; the others raise :class:`SwapAbortedError` naming the failed ranks.
 
 [Note: in-place exchange]
@@ -213,7 +217,7 @@ class _Swap:
     def _typed_scratch(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The device's byte scratch seen as ``dtype`` (whole elements only)."""
         raw = self.scratch[device]
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         return raw[:raw.numel() // itemsize * itemsize].view(dtype)
 
     def _exchange(self, lives: list[torch.Tensor], batch) -> None:
@@ -301,6 +305,9 @@ def swap_context(ema: ShardedEMA, factor: float, model_paths: Sequence[str | Non
 
     ema.state = EMAState.SWAPPED
     failure: BaseException | None = None
+    group = ema.process_group
+    failed: list[int] = []
+    body_ran = False
     try:
         swap = None
         try:
@@ -310,7 +317,14 @@ def swap_context(ema: ShardedEMA, factor: float, model_paths: Sequence[str | Non
             logger.debug("swapped in EMA factor %r at step %d: %s", factor, ema.step, info)
         except BaseException as exc:
             failure = exc
-        if failure is None:
+        try:
+            # Entry agreement: if any rank could not swap in, no rank runs the body, whose
+            # collectives (FSDP2 all-gathers) the failed rank would never join.
+            failed = _dist.failed_ranks(failure is not None, group)
+        except BaseException as exc:
+            failure = failure or exc
+        if failure is None and not failed:
+            body_ran = True
             try:
                 yield info
             except BaseException as exc:  # GeneratorExit too: restore, agree, re-raise
@@ -325,18 +339,19 @@ def swap_context(ema: ShardedEMA, factor: float, model_paths: Sequence[str | Non
     finally:
         ema.state = EMAState.IDLE
 
-    try:
-        failed = _dist.failed_ranks(failure is not None, ema.process_group)
-    except BaseException as exc:
-        logger.error(
-            "the agreement at the end of the swap of factor %r failed (%r); a rank probably died. This rank's "
-            "weights were restored", factor, exc,
-        )
-        if failure is not None:
-            raise failure from exc
-        raise
+    if body_ran:
+        try:
+            failed = _dist.failed_ranks(failure is not None, group)
+        except BaseException as exc:
+            logger.error(
+                "the agreement at the end of the swap of factor %r failed (%r); a rank probably died. This rank's "
+                "weights were restored", factor, exc,
+            )
+            if failure is not None:
+                raise failure from exc
+            raise
     if failure is not None:
-        others = [r for r in failed if r != _dist.rank(ema.process_group)]
+        others = [r for r in failed if r != _dist.rank(group)]
         if others and hasattr(failure, "add_note"):
             failure.add_note(f"shardema: rank(s) {others} also failed inside the same swap")
         raise failure

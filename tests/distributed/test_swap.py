@@ -276,6 +276,31 @@ def faults_on_two_ranks():
         _assert_restored(ema, before)
         with torch.no_grad():
             assert torch.equal(model(x), live_out)
+    # Round 4: the swap-in itself fails on rank 1 (e.g. out of memory for a backup). No rank
+    # may run the body: its forward all-gathers would wait forever for rank 1.
+    from shardema import _swap
+
+    original = _swap._Swap.swap_in
+
+    def failing_swap_in(self):
+        if dist.get_rank() == 1:
+            raise MemoryError("no room for the swap on rank 1")
+        return original(self)
+
+    _swap._Swap.swap_in = failing_swap_in
+    try:
+        with torch.no_grad(), ema.swapped(0.99):
+            model(x)
+            raise AssertionError("the body ran although rank 1 could not swap in")
+    except MemoryError as error:
+        assert rank == 1 and "rank 1" in str(error)
+        seen.append("own")
+    except SwapAbortedError as error:
+        assert rank == 0 and error.failed_ranks == (1,)
+        seen.append("aborted [1]")
+    finally:
+        _swap._Swap.swap_in = original
+    _assert_restored(ema, before)
     # A later swap works, and the model keeps training and averaging.
     _check_swap(model, ema, ref, 0.99, x)
     _train(model, ema, ref, steps=1, seed=5)
@@ -333,8 +358,8 @@ def test_swap_matches_unsharded_reference_for_ddp_fsdp2_subset_bf16_and_tp():
 
 def test_a_failure_on_some_ranks_restores_everywhere_and_raises_on_every_rank():
     results = run_ranks(faults_on_two_ranks, 2)
-    assert results[0] == ["aborted [1]", "own", "own"]
-    assert results[1] == ["own", "aborted [0]", "own"]
+    assert results[0] == ["aborted [1]", "own", "own", "aborted [1]"]
+    assert results[1] == ["own", "aborted [0]", "own", "own"]
 
 
 def test_hsdp_2x2_swap_and_a_failure_on_rank_3():

@@ -253,20 +253,6 @@ def _ema_values(ema):
     return {k: v.detach().clone() for k, v in ema.state_dict().items() if k.startswith("ema=")}
 
 
-def _has_checkpoints():
-    return hasattr(shardema.ShardedEMA, "save") and _module_has("shardema.checkpoint", "resume_ema")
-
-
-def _module_has(module, name):
-    import importlib
-
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(not _has_checkpoints(), reason="needs shardema.checkpoint")
 def test_resume_order_latest_then_last_then_init(tmp_path, caplog):
     root = tmp_path / "ema"
 

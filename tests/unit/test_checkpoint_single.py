@@ -432,3 +432,35 @@ def test_cli_runs_as_a_module(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "latest" in result.stdout and "committed" in result.stdout
+
+
+def test_tied_weights_are_stored_once_and_exported_under_every_name(tmp_path):
+    from safetensors.torch import load_file
+
+    from shardema import ShardedEMA, load_consolidated
+    from shardema.checkpoint import consolidate_to_file
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight  # tied, as in most language models
+
+    model = Tied()
+    ema = ShardedEMA(model, [0.5])
+    assert [(t.fqn, t.aliases) for t in ema.tracked()] == [("embed.weight", ["head.weight"])]
+    assert ema.shadow_bytes == 5 * 3 * 4  # one shadow for both names
+    with torch.no_grad():
+        model.embed.weight.add_(2.0)
+    ema.update()
+    expected = ema.shadow(0.5, (None, "embed.weight")).clone()
+    ema.save(tmp_path, "latest")
+    full = load_consolidated(tmp_path, 0.5)
+    assert set(full) == {"embed.weight", "head.weight"}
+    fresh = Tied()
+    fresh.load_state_dict(full, strict=True)
+    assert torch.equal(fresh.head.weight, expected) and torch.equal(fresh.embed.weight, expected)
+    out = consolidate_to_file(tmp_path, 0.5, tmp_path / "export.safetensors")
+    exported = load_file(str(out))
+    assert torch.equal(exported["head.weight"], expected) and torch.equal(exported["embed.weight"], expected)

@@ -308,6 +308,54 @@ def test_update_after_the_parameter_set_changed_names_the_fqn():
         ema.update()
 
 
+def test_registering_tensors_the_ema_does_not_track_is_not_an_error():
+    model = TwoTower()
+    ema = ShardedEMA(model, 0.5, buffers="ignore", include_frozen=False)
+    model.decoder[0].register_buffer("cache", torch.ones(2), persistent=False)
+    model.decoder[0].register_buffer("stats", torch.ones(2))  # ignored buffers policy
+    model.decoder[0].frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+    before = ema.shadow(0.5, (None, "decoder.0.bias")).clone()
+    ema.update()
+    ema.update()  # the refreshed counts are used from now on
+    torch.testing.assert_close(ema.shadow(0.5, (None, "decoder.0.bias")), before * 0.25 + model.decoder[0].bias * 0.75)
+
+
+def test_torch_compile_of_a_ddp_model_is_unwrapped(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        compiled = torch.compile(DistributedDataParallel(nn.Sequential(nn.Linear(2, 2))))
+        assert {t.fqn for t in ShardedEMA(compiled, 0.9).tracked()} == {"0.weight", "0.bias"}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_strict_load_that_fails_changes_nothing():
+    model = TwoTower()
+    ema = ShardedEMA(model, 0.9)
+    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in ema.state_dict().items()}
+    state["ema=0.9/model/encoder.0.weight"].fill_(7.0)
+    state["step"] = 99
+    del state["ema=0.9/model/decoder.0.bias"]
+    before = ema.shadow(0.9, (None, "encoder.0.weight")).clone()
+    with pytest.raises(RuntimeError, match="missing key ema=0.9/model/decoder.0.bias"):
+        ema.load_state_dict(state)
+    assert torch.equal(ema.shadow(0.9, (None, "encoder.0.weight")), before) and ema.step == 0
+    ema.load_state_dict(state, strict=False)  # loads what matches
+    assert ema.shadow(0.9, (None, "encoder.0.weight")).eq(7.0).all() and ema.step == 99
+
+
+def test_current_decays_follow_the_schedule():
+    ema = ShardedEMA(nn.Linear(1, 1), [0.9], update_every=2, start_step=1)
+    seen = []
+    for _ in range(4):
+        seen.append(ema.current_decays()[0.9])
+        ema.update()
+    assert seen == [0.0, 0.9, 1.0, 0.9]  # copy, update, skipped, update
+
+
 def test_a_replaced_parameter_of_the_same_shape_is_followed():
     model = nn.Linear(2, 2)
     initial = model.weight.detach().clone()

@@ -300,11 +300,6 @@ def test_swap_aborted_error_names_ranks_and_pickles():
     assert again.failed_ranks == (1, 3) and str(again) == str(err)
 
 
-def test_swap_info_extra_bytes_is_the_sum():
-    info = SwapInfo(0.9, (None,), "mixed", 3, scratch_bytes=10, backup_bytes=6, backup_on_host=False)
-    assert info.extra_bytes == 16
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host backups need CUDA")
 def test_backup_to_host_pins_the_backup_of_cuda_tensors():
     model = _net(torch.bfloat16).cuda()

@@ -180,7 +180,7 @@ class CallbackRunner:
         self._call(Hook.AFTER_UPDATE, **kwargs)
         if ends_epoch:
             self._epoch_closed_at = counter.update
-            self._call(Hook.AFTER_EPOCH)
+            self._call(Hook.AFTER_EPOCH, **kwargs)
 
     def after_epoch(self, **kwargs) -> None:
         """Collective: at the end of an epoch (a no-op when :meth:`after_update` just ended it)."""

@@ -70,8 +70,12 @@ class ConsolidatedReader:
                                  f"says {entry['size']} (truncated or incomplete checkpoint)")
             for fqn, piece in entry["pieces"].items():
                 self._pieces.setdefault(fqn, []).append((path, piece))
-        self.entries = [(fqn, tensor_dtype(manifest, fqn), tuple(info["global_shape"]))
-                        for fqn, info in manifest["tensors"].items()]
+        # Tied weights are stored once; their other names (aliases) are exported too, so the
+        # result loads into the unsharded module with strict=True.
+        self.alias_of = {alias: fqn for fqn, info in manifest["tensors"].items() for alias in info.get("aliases", [])}
+        self.entries = [(name, tensor_dtype(manifest, fqn), tuple(info["global_shape"]))
+                        for fqn, info in manifest["tensors"].items()
+                        for name in [fqn, *info.get("aliases", [])]]
         self._handles: OrderedDict = OrderedDict()
 
     @property
@@ -95,6 +99,7 @@ class ConsolidatedReader:
 
     def read(self, fqn: str) -> torch.Tensor:
         """The full tensor ``fqn``; raises ``ValueError`` naming the file of a corrupt piece."""
+        fqn = self.alias_of.get(fqn, fqn)
         info = self.manifest["tensors"][fqn]
         full = torch.empty(info["global_shape"], dtype=tensor_dtype(self.manifest, fqn))
         for path, piece in self._pieces.get(fqn, []):
@@ -139,8 +144,9 @@ def load_consolidated(root, factor: float, model_path: str | None = None, tag: s
     out: dict[str, torch.Tensor] = {}
     with ConsolidatedReader(root, factor, model_path, tag) as reader:
         with _progress(reader.total_bytes, progress, f"ema={factor_name(reader.factor)}") as bar:
-            for fqn, dtype, shape in reader.entries:
-                out[fqn] = reader.read(fqn)
+            for name, dtype, shape in reader.entries:
+                source = reader.alias_of.get(name)
+                out[name] = out[source] if source in out else reader.read(name)
                 bar.update(numel(shape) * dtype.itemsize)
     return out
 

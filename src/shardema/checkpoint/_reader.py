@@ -185,6 +185,15 @@ def _discover(root: Path, model_paths, tags) -> tuple[list[Candidate], list[str]
     return candidates, problems
 
 
+def _corruption_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, SafetensorError)
+
+
+_CORRUPTION_ERRORS = _corruption_errors()
+
+
 def _agreed_problems(mine: list[str], group) -> list[str]:
     return [p for share in _dist.all_gather_objects(mine, group=group) for p in share]
 
@@ -219,12 +228,21 @@ def _load_first(ema, root: Path, tags) -> tuple[str | None, bool]:
         bad = _agreed_problems(_verify_share(ema, candidate, rank, world), group)
         if not bad:
             touched = True
-            error = None
+            error, unexpected = None, None
             try:
                 _load(ema, candidate)
-            except Exception as exc:
+            except _CORRUPTION_ERRORS as exc:  # unreadable or failing a checksum: skip the candidate
                 error = f"rank {rank}: {type(exc).__name__}: {exc}"
-            bad = _agreed_problems([error] if error else [], group)
+            except Exception as exc:  # a bug or out of memory: not a reason to fall back silently
+                unexpected = exc
+            reports = _dist.all_gather_objects((error, unexpected is not None), group=group)
+            broken = [r for r, (_, is_unexpected) in enumerate(reports) if is_unexpected]
+            if broken:
+                if unexpected is not None:
+                    raise unexpected
+                raise RuntimeError(f"loading EMA checkpoint {candidate.describe()} failed on rank(s) {broken}; "
+                                   "see their logs")
+            bad = [e for e, _ in reports if e]
         if bad:
             if rank == 0:
                 logger.warning("skipping EMA checkpoint %s: %s", candidate.describe(), "; ".join(bad))

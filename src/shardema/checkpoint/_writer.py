@@ -165,7 +165,7 @@ def _build_manifest(ema, mp, plan: dict, world: int, files: list[dict]) -> dict:
     for t in ema.tracked([mp]):
         shadow = ema.shadow(0, t.key)
         tensors[t.fqn] = {"global_shape": list(t.global_shape), "dtype": dtype_name(shadow.dtype),
-                          "blended": ema._blends(t), "is_buffer": t.is_buffer}
+                          "blended": ema._blends(t), "is_buffer": t.is_buffer, "aliases": list(t.aliases)}
         if t.mesh is not None and _mesh_shape(t) not in mesh_shapes:
             mesh_shapes.append(_mesh_shape(t))
     return {
