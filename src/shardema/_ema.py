@@ -12,7 +12,7 @@ from torch import nn
 from . import _dist
 from ._kernels import LerpPlan
 from ._log import logger
-from ._schedule import DecaySchedule, ScheduleKind
+from ._schedule import DecaySchedule, ScheduleKind, check_factors
 from ._shards import BufferPolicy, DTensor, LiveTensor, check_model_paths, collect, path_label
 
 _DEFAULT_SCRATCH_BYTES = 32 * 2**20
@@ -40,21 +40,6 @@ def reshard_fsdp(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def _check_factors(target_factors) -> tuple[float, ...]:
-    if isinstance(target_factors, (int, float)):
-        target_factors = [target_factors]
-    factors = tuple(float(f) for f in target_factors)
-    if not factors:
-        raise ValueError("target_factors is empty; give at least one decay in (0, 1), e.g. [0.9999]")
-    for f in factors:
-        if not (0.0 < f < 1.0) or math.isnan(f):
-            raise ValueError(f"target factor {f!r} is outside (0, 1); use a decay such as 0.999 or 0.9999")
-    duplicated = sorted({f for f in factors if factors.count(f) > 1})
-    if duplicated:
-        raise ValueError(f"target factors {duplicated} are given more than once; give each decay once")
-    return factors
 
 
 class _Group:
@@ -139,7 +124,7 @@ class ShardedEMA:
             self.schedule = DecaySchedule(kind=schedule, inv_gamma=inv_gamma, power=power,
                                           update_every=update_every, start_step=start_step)
         self.model = model
-        self.target_factors: tuple[float, ...] = _check_factors(target_factors)
+        self.target_factors: tuple[float, ...] = check_factors(target_factors)
         self.model_paths: tuple[str | None, ...] = tuple(check_model_paths(model_paths))
         self.process_group = process_group
         self.shadow_dtype = shadow_dtype

@@ -9,11 +9,28 @@ update is applied on every ``update_every``-th call.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 ScheduleKind = Literal["constant", "warmup", "power"]
+
+
+def check_factors(target_factors: float | Sequence[float]) -> tuple[float, ...]:
+    """Validate target factors: at least one, each in (0, 1), no duplicates."""
+    if isinstance(target_factors, (int, float)):
+        target_factors = [target_factors]
+    factors = tuple(float(f) for f in target_factors)
+    if not factors:
+        raise ValueError("target_factors is empty; give at least one decay in (0, 1), e.g. [0.9999]")
+    for f in factors:
+        if math.isnan(f) or not (0.0 < f < 1.0):
+            raise ValueError(f"target factor {f!r} is outside (0, 1); use a decay such as 0.999 or 0.9999")
+    duplicated = sorted({f for f in factors if factors.count(f) > 1})
+    if duplicated:
+        raise ValueError(f"target factors {duplicated} are given more than once; give each decay once")
+    return factors
 
 
 class DecaySchedule(BaseModel):

@@ -154,8 +154,7 @@ def resolve_model_path(model: nn.Module, model_path: str | None) -> nn.Module:
     root = unwrap_ddp(model)
     if model_path is None:
         return root
-    if not isinstance(model_path, str) or not model_path or model_path != model_path.strip("."):
-        raise ValueError(f"model path {model_path!r} is not a dotted submodule path such as 'encoder' or 'blocks.0'")
+    check_model_paths([model_path])
     modules = _named_modules(root)
     wanted = clean_fqn(model_path)
     if wanted in modules:
@@ -184,6 +183,10 @@ def check_model_paths(model_paths: Sequence[str | None] | None) -> list[str | No
     paths = list(model_paths)
     if not paths:
         raise ValueError("model_paths is empty; pass None to average the whole model")
+    for path in paths:
+        if path is not None and (not isinstance(path, str) or not path or path != path.strip(".")
+                                 or ".." in path or " " in path):
+            raise ValueError(f"model path {path!r} is not a dotted submodule path such as 'encoder' or 'blocks.0'")
     for i, a in enumerate(paths):
         for b in paths[i + 1:]:
             if a is None or b is None or a == b or clean_fqn(b).startswith(clean_fqn(a) + ".") \

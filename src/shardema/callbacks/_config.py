@@ -11,7 +11,6 @@ configures, and fills it in otherwise.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal, Optional
 
 import torch
@@ -19,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from .._schedule import check_factors
 from .._shards import check_model_paths
 from ._registry import kinds_of_config, known_kinds, resolve_kind
 
@@ -181,22 +181,12 @@ class EmaCallbackConfig(PeriodicCallbackConfig):
     def _check_model_paths(cls, value):
         if value is None:
             return None
-        for path in value:
-            if path is not None and (not path or path != path.strip(".") or ".." in path or " " in path):
-                raise ValueError(f"model path {path!r} is not a dotted submodule path such as 'encoder' or 'blocks.0'")
         return check_model_paths(value)
 
     @field_validator("target_factors")
     @classmethod
     def _check_factors(cls, value):
-        if not value:
-            raise ValueError("target_factors is empty; give at least one decay in (0, 1), e.g. [0.9999]")
-        for f in value:
-            if math.isnan(f) or not (0.0 < f < 1.0):
-                raise ValueError(f"target factor {f!r} is outside (0, 1); use a decay such as 0.999 or 0.9999")
-        duplicated = sorted({f for f in value if value.count(f) > 1})
-        if duplicated:
-            raise ValueError(f"target factors {duplicated} are given more than once; give each decay once")
+        check_factors(value)
         return value
 
     @model_validator(mode="after")

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from .. import _dist
-from .._ema import EMAState
 from .._log import logger
 from .._schedule import DecaySchedule
 from .._shards import path_label
@@ -258,11 +257,6 @@ def _load_first(ema, root: Path, tags) -> tuple[str | None, bool]:
     return None, touched
 
 
-def _require_idle(ema, what: str) -> None:
-    if ema.state is not EMAState.IDLE:
-        raise RuntimeError(f"{what}() was called inside `with ema.swapped(...)`; call it after the block exits")
-
-
 @torch.no_grad()
 def resume_ema(ema, root, strict: bool = False) -> str | None:
     """Collective: restore ``ema`` from ``cp=latest``, else ``cp=last``; else keep the live init.
@@ -273,7 +267,7 @@ def resume_ema(ema, root, strict: bool = False) -> str | None:
     Raises :class:`CheckpointMismatchError` listing every difference when the saved
     structure does not match the EMA.
     """
-    _require_idle(ema, "ema.resume")
+    ema._require_idle("resume")
     root = Path(root)
     tag, touched = _load_first(ema, root, RESUME_ORDER)
     if tag is not None:
@@ -299,7 +293,7 @@ def load_ema(ema, root, tag: str) -> str:
     ``FileNotFoundError`` when the tag has no intact committed version (the shadows are
     then reset to the live weights if a failed read touched them). Returns the tag.
     """
-    _require_idle(ema, "shardema.checkpoint.load_ema")
+    ema._require_idle("load_ema")
     validate_tag(tag)
     root = Path(root)
     loaded, touched = _load_first(ema, root, (tag,))
