@@ -3,7 +3,8 @@
 [Note: commit protocol]
 Which ranks run each step of ``save_ema(ema, root, tag)``:
 
-1. All ranks: rank 0 draws a ``save_id`` and broadcasts it.
+1. All ranks: one all-gather spreads rank 0's ``save_id`` and every rank's claimed
+   pieces; a piece several ranks hold is written by the lowest of them only.
 2. Rank 0: clean up what crashed saves left under the EMA's model paths (staging
    directories, a stranded ``cp=<tag>.old``; see :func:`cleanup_leftovers`).
 3. All ranks: write this rank's pieces of every (model path, factor) into
@@ -117,7 +118,7 @@ def _mesh_shape(t) -> list[int] | None:
 
 def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, world: int) -> dict | None:
     """Write this rank's pieces of one (model path, factor); return its manifest entry."""
-    writers = [t for t in ema.tracked([mp]) if t.writes_checkpoint]
+    writers = [t for t in ema.tracked([mp]) if (t.model_path, t.fqn, t.global_offset) in plan["writes"]]
     if not writers:
         return None
     shadows = {t.fqn: ema.shadow(factor, t.key) for t in writers}
@@ -217,8 +218,15 @@ def save_ema(ema, root, tag: str = "latest") -> str:
     group = ema.process_group
     rank, world = _dist.rank(group), _dist.world_size(group)
     started = time.perf_counter()
-    plan = _dist.broadcast_object({"save_id": uuid.uuid4().hex, "tag": tag, "created": time.time()},
-                                  src=group_root(group), group=group)
+    # One gather gives every rank rank 0's plan and every rank's claimed pieces. A piece
+    # held by several ranks (replicas outside the DTensor's mesh, e.g. DDP around tensor
+    # parallelism) is written by the lowest of them only.
+    claims = {(t.model_path, t.fqn, t.global_offset) for t in ema.tracked() if t.writes_checkpoint}
+    proposal = {"save_id": uuid.uuid4().hex, "tag": tag, "created": time.time()} if rank == 0 else None
+    gathered = _dist.all_gather_objects((proposal, claims), group=group)
+    plan = gathered[0][0]
+    earlier = set().union(*(c for _, c in gathered[:rank])) if rank else set()
+    plan["writes"] = claims - earlier
     error: BaseException | None = None
     entries: list[dict] = []
     try:
