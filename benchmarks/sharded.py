@@ -189,12 +189,13 @@ def targets(cases: list[dict], cfg: dict) -> list[dict]:
 def markdown(result: dict) -> str:
     rows = []
     for c in result["cases"]:
-        m = c["methods"]
-        rows.append([c["world_size"], f"{m[ROOF]['median_ms_slowest_rank']:.1f}", f"{m[OURS]['median_ms_slowest_rank']:.1f}",
-                     f"{m[GATHER]['median_ms_slowest_rank']:.1f}", C.fmt_ratio(c["gather_over_ours"]),
+        ms = {name: f"{c['methods'][name]['median_ms_slowest_rank']:.1f}" for name in (ROOF, OURS, GATHER)}
+        replica = max(c["baseline_bytes_per_rank"]) / 2**20
+        transient = max(c["baseline_transient_bytes_per_rank"]) / 2**20
+        rows.append([c["world_size"], ms[ROOF], ms[OURS], ms[GATHER], C.fmt_ratio(c["gather_over_ours"]),
                      C.fmt_ratio(c["roofline_fraction"]), f"{max(c['ema_bytes_per_rank']) / 2**20:.1f}",
-                     f"{max(c['baseline_bytes_per_rank']) / 2**20:.1f} (+{max(c['baseline_transient_bytes_per_rank']) / 2**20:.0f} transient)",
-                     c.get("max_rank_fraction_of_unsharded"), "yes" if c.get("exactly_one_over_w") else "no"])
+                     f"{replica:.1f} (+{transient:.0f} transient)", c.get("max_rank_fraction_of_unsharded"),
+                     "yes" if c.get("exactly_one_over_w") else "no"])
     cfg = result["config"]
     head = (f"**FSDP2, {cfg['backend']} on CPU, {result['cases'][0]['num_params']:,} parameters, "
             f"{cfg['threads']} thread(s) per rank** (ms: median over rounds of the slowest rank; "

@@ -50,13 +50,13 @@ NOETHER_K = "noether-style K copies"
 
 PLANS = {
     ("cpu", "full"): dict(sizes=[10_000_000, 100_000_000, 300_000_000], small_max=100_000_000, rounds=7,
-                          budget_s=20.0, round_target_s=0.1, multi=(2, 3), bf16=(1, 3)),
-    ("cpu", "quick"): dict(sizes=[2_000_000], small_max=2_000_000, rounds=3, budget_s=4.0, round_target_s=0.02,
-                           multi=(3,), bf16=(1,)),
+                          min_rounds=5, budget_s=20.0, round_target_s=0.1, multi=(2, 3), bf16=(1, 3)),
+    ("cpu", "quick"): dict(sizes=[2_000_000], small_max=2_000_000, rounds=3, min_rounds=3, budget_s=4.0,
+                           round_target_s=0.02, multi=(3,), bf16=(1,)),
     ("cuda", "full"): dict(sizes=[10_000_000, 100_000_000, 1_000_000_000], small_max=100_000_000, rounds=7,
-                           budget_s=8.0, round_target_s=0.03, multi=(2, 3), bf16=(1, 3)),
-    ("cuda", "quick"): dict(sizes=[10_000_000], small_max=10_000_000, rounds=3, budget_s=4.0, round_target_s=0.02,
-                            multi=(3,), bf16=(1,)),
+                           min_rounds=5, budget_s=8.0, round_target_s=0.03, multi=(2, 3), bf16=(1, 3)),
+    ("cuda", "quick"): dict(sizes=[10_000_000], small_max=10_000_000, rounds=3, min_rounds=3, budget_s=4.0,
+                            round_target_s=0.02, multi=(3,), bf16=(1,)),
 }
 
 # Full model copies each peer family holds (plus one transient copy for diffusers' foreach).
@@ -90,7 +90,7 @@ class Runner:
         bar = C.tqdm_bar(self.plan["rounds"], desc, self.progress)
         try:
             rounds = C.interleave(methods, self.device, self.plan["rounds"], budget_s=self.plan["budget_s"],
-                                  progress=bar)
+                                  min_rounds=self.plan["min_rounds"], progress=bar)
         finally:
             bar.close()
         self._add_roofline(rounds)
@@ -268,19 +268,22 @@ def targets(cases: list[dict]) -> list[dict]:
         fr = {f"{c['model']} {c['layout']}": c["roofline_fraction"]["median"] for c in big}
         out.append(C.target("roofline_k1", ">= 0.85 of the roofline at >= 100M parameters, K = 1, fp32",
                             fr, all(v >= 0.85 for v in fr.values())))
-    fused = [c for c in _ok(cases, "fused_vs_separate") if c["num_factors"] == 3]
+    fused = [c for c in _ok(cases, "fused_vs_separate") if c["num_factors"] == 3 and c["num_params"] >= 90_000_000]
     if fused:
         fr = {f"{c['model']} {c['layout']}": c["fused_over_separate"]["median"] for c in fused}
         pred = fused[0]["predicted_fused_over_separate"]
         met = all(v <= 0.9 and abs(v - pred) <= 0.1 for v in fr.values())
-        out.append(C.target("fused_k3", f"K=3 fused / 3 separate K=1 clearly < 1, close to (4+8K)/12K = {pred:.2f}",
-                            fr, met, "met = every ratio <= 0.90 and within 0.10 of the byte-count prediction"))
+        out.append(C.target("fused_k3", f"K=3 fused / 3 separate K=1 clearly < 1, close to (4+8K)/12K = {pred:.2f}, "
+                                        ">= 100M parameters", fr, met,
+                            "met = every ratio <= 0.90 and within 0.10 of the byte-count prediction; smaller models "
+                            "stay in the last-level cache, where re-reading the live weights costs little"))
     peers = [c for c in _ok(cases, "k1_peers") if c.get("fastest_peer")]
     if peers:
         fr = {f"{c['model']} {c['layout']}": f"{c['ours_vs_fastest_peer']['median']:.2f} vs {c['fastest_peer']}"
               for c in peers}
         met = all(c["ours_vs_fastest_peer"]["median"] <= 1.05 for c in peers)
-        out.append(C.target("fastest_peer_k1", "K = 1, one rank: shardema / fastest peer <= 1.05", fr, met))
+        out.append(C.target("fastest_peer_k1", "K = 1, one rank: shardema / fastest peer <= 1.05, every model", fr, met,
+                            "fastest peer = the one with the highest median per-round ratio"))
     return out
 
 
@@ -381,7 +384,7 @@ def plots(result: dict, out_dir: Path) -> list[str]:
         peer_names = []
         for c in k1:
             peer_names += [p for p in c["peers"] if p not in peer_names]
-        fig, ax = plt.subplots(figsize=(9, 4))
+        fig, ax = plt.subplots(figsize=(11, 4))
         width = 0.8 / len(k1)
         for i, c in enumerate(k1):
             ys = [c["ratios"].get(f"{OURS}/{p}", {}).get("median") or 0 for p in peer_names]
@@ -393,7 +396,7 @@ def plots(result: dict, out_dir: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set_ylabel("shardema time / peer time (log)")
         ax.set_title("K = 1, fp32: shardema against peers on the same model (below 1 = faster)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
         fig.tight_layout()
         fig.savefig(out_dir / "update_latency_peers.png", dpi=110)
         plt.close(fig)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _dist
-from ._kernels import LerpPlan
+from ._kernels import CPU_BATCH_NUMEL, LerpPlan
 from ._log import logger
 from ._schedule import DecaySchedule, ScheduleKind, check_factors
 from ._shards import BufferPolicy, DTensor, LiveTensor, check_model_paths, collect, path_label
@@ -58,7 +58,7 @@ class _Group:
                 self.views[k].append(self.flat[k, offset:offset + m.local_numel].view(m.local_shape))
             offset += m.local_numel
         self.plan: LerpPlan | None = None
-        self.plan_lives: list[torch.Tensor] = []
+        self.plan_lives: list[torch.Tensor] | None = None  # None: no plan built yet
 
 
 class ShardedEMA:
@@ -173,14 +173,16 @@ class ShardedEMA:
         self._copies: dict[tuple, torch.Tensor] = {
             t.key: torch.empty(t.local_shape, dtype=t.dtype, device=t.device) for t in self._copied
         }
-        self._copy_lives: list[torch.Tensor] = []
+        self._copy_lives: list[torch.Tensor] | None = None
         self._copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._scratch: dict[torch.device, torch.Tensor] = {}
         for group in self._groups:
             if any(m.dtype != group.shadow_dtype for m in group.members) and group.flat.device not in self._scratch:
                 numel = max(1, self._scratch_bytes // group.flat.element_size())
-                largest = max(m.local_numel for m in group.members)
-                self._scratch[group.flat.device] = torch.empty(min(numel, max(largest, 1)),
+                want = max(1, max(m.local_numel for m in group.members))
+                if group.flat.device.type == "cpu":  # one L2-sized batch per CPU worker (see _kernels)
+                    want = max(want, CPU_BATCH_NUMEL * torch.get_num_threads())
+                self._scratch[group.flat.device] = torch.empty(min(numel, want),
                                                                dtype=group.shadow_dtype, device=group.flat.device)
 
     @property
@@ -238,8 +240,8 @@ class ShardedEMA:
                 )
 
     @staticmethod
-    def _same_tensors(lives: list[torch.Tensor], cached: list[torch.Tensor]) -> bool:
-        return bool(cached) and len(cached) == len(lives) and all(a is b for a, b in zip(lives, cached))
+    def _same_tensors(lives: list[torch.Tensor], cached: list[torch.Tensor] | None) -> bool:
+        return cached is not None and len(cached) == len(lives) and all(a is b for a, b in zip(lives, cached))
 
     def _resolved_plan(self, group: _Group) -> LerpPlan:
         """The group's plan, rebuilt only when a live local tensor was replaced."""

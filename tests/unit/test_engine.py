@@ -80,6 +80,33 @@ def test_foreach_plan_upcasts_bf16_through_a_bounded_scratch():
             torch.testing.assert_close(got, ref, rtol=3e-7, atol=1e-7)  # within fp32 rounding of the exact value
 
 
+@pytest.mark.parametrize("live_dtype, weights", [(torch.float32, [0.1, 0.01, 0.5]), (torch.float32, [0.3]),
+                                                 (torch.bfloat16, [0.1, 0.01, 0.5])])
+def test_cpu_plan_splits_work_across_threads_and_matches_whole_tensor_lerp(monkeypatch, live_dtype, weights):
+    import shardema._kernels as kernels
+
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_NUMEL", 1)
+    monkeypatch.setattr(kernels, "CPU_WHOLE_NUMEL", 100_000)
+    monkeypatch.setattr(kernels.torch, "get_num_threads", lambda: 3)
+    torch.manual_seed(0)
+    shapes = [(70001,), (3,), (0, 5), (513, 257), (40, 3)]
+    lives = [torch.randn(s).to(live_dtype).requires_grad_() for s in shapes]
+    shadows = [[torch.randn(s) for s in shapes] for _ in weights]
+    expected = [[s.clone() for s in row] for row in shadows]
+    whole = [[s.lerp(live.detach().float(), w) for s, live in zip(row, lives)] for row, w in zip(shadows, weights)]
+    scratch = torch.empty(5000) if live_dtype != torch.float32 else None
+    plan = LerpPlan(shadows, lives, chunk_numel=1 << 18, scratch=scratch)
+    assert len(plan._runs) == 3  # three worker shares
+    assert bool(plan._inline) == (len(weights) == 1 and live_dtype == torch.float32)
+    plan.lerp(weights)
+    lerp_loop_reference(expected, lives, weights)
+    for row, ref_row, whole_row in zip(shadows, expected, whole):
+        for got, ref, same in zip(row, ref_row, whole_row):
+            assert got.grad_fn is None and not got.requires_grad  # pool threads run under no_grad too
+            assert torch.equal(got, same)  # bit-identical to one whole-tensor lerp
+            torch.testing.assert_close(got, ref, rtol=3e-7, atol=5e-7)
+
+
 @pytest.mark.parametrize("buffers", ["copy", "average", "ignore"])
 def test_ema_matches_float64_reference_over_a_trajectory(buffers):
     torch.manual_seed(0)
