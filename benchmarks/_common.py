@@ -339,3 +339,15 @@ def tqdm_bar(total: int, desc: str, enabled: bool = True):
 
 def met_word(met: bool | None) -> str:
     return {True: "met", False: "missed", None: "not evaluated"}[met]
+
+
+def write_outputs(result: dict, out_dir: Path, stem: str, plots, markdown) -> int:
+    """Write ``<stem>.json``, ``<stem>.md`` and the plots of one benchmark; print the targets."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plots(result, out_dir)
+    path = write_json(result, out_dir, stem)
+    (out_dir / f"{stem}.md").write_text(markdown(result))
+    print(f"[{stem}] wrote {path}")
+    for t in result.get("targets", []):
+        print(f"  {t['name']}: {t['measured']} -> {met_word(t['met'])}")
+    return 0

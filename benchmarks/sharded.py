@@ -254,14 +254,7 @@ def main(argv=None) -> int:
         result["targets"] = targets(result["cases"], result["config"])
     else:
         result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plots(result, args.out)
-    path = C.write_json(result, args.out, "sharded")
-    (args.out / "sharded.md").write_text(markdown(result))
-    print(f"[sharded] wrote {path}")
-    for t in result["targets"]:
-        print(f"  {t['name']}: {t['measured']} -> {C.met_word(t['met'])}")
-    return 0
+    return C.write_outputs(result, args.out, "sharded", plots, markdown)
 
 
 if __name__ == "__main__":

@@ -291,12 +291,7 @@ def main(argv=None) -> int:
         result = json.loads((args.out / "swap_checkpoint.json").read_text())
     else:
         result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plots(result, args.out)
-    path = C.write_json(result, args.out, "swap_checkpoint")
-    (args.out / "swap_checkpoint.md").write_text(markdown(result))
-    print(f"[swap_checkpoint] wrote {path}")
-    return 0
+    return C.write_outputs(result, args.out, "swap_checkpoint", plots, markdown)
 
 
 if __name__ == "__main__":

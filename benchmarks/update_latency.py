@@ -442,14 +442,7 @@ def main(argv=None) -> int:
             t["met"], t["note"] = None, "smoke run on a small model: not evaluated"
     else:
         result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plots(result, args.out)
-    path = C.write_json(result, args.out, "update_latency")
-    (args.out / "update_latency.md").write_text(markdown(result))
-    print(f"[update_latency] wrote {path}")
-    for t in result["targets"]:
-        print(f"  {t['name']}: {t['measured']} -> {C.met_word(t['met'])}")
-    return 0
+    return C.write_outputs(result, args.out, "update_latency", plots, markdown)
 
 
 if __name__ == "__main__":
