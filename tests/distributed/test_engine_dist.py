@@ -72,7 +72,8 @@ def _local_numel(model):
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
 
 
-def fsdp2_uneven(reshard_after_forward):
+def _fsdp_mlp_with_reference(**shard_options):
+    """An FSDP2 MLP (every Linear and the root sharded), its EMA, and AveragedModel references."""
     from torch.distributed.fsdp import fully_shard
 
     from shardema import ShardedEMA
@@ -82,11 +83,16 @@ def fsdp2_uneven(reshard_after_forward):
     replica = _mlp()
     replica.load_state_dict(model.state_dict())
     for layer in (model[0], model[2], model[4]):
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, **shard_options)
+    fully_shard(model, **shard_options)
     averages = _reference_averages(replica)
     ema = ShardedEMA(model, FACTORS)
     assert ema.shadow_bytes == _local_numel(model) * len(FACTORS) * 4
+    return model, ema, replica, averages
+
+
+def fsdp2_uneven(reshard_after_forward):
+    model, ema, replica, averages = _fsdp_mlp_with_reference(reshard_after_forward=reshard_after_forward)
     _train(model, ema, replica, averages, steps=3, eval_forward=not reshard_after_forward)
     plans = [g.plan for g in ema._groups]
     _train(model, ema, replica, averages, steps=3, eval_forward=not reshard_after_forward)
@@ -99,22 +105,10 @@ def fsdp2_uneven(reshard_after_forward):
 
 def hsdp_2x2():
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard
 
-    from shardema import ShardedEMA
-
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    torch.manual_seed(0)
-    model = _mlp()
-    replica = _mlp()
-    replica.load_state_dict(model.state_dict())
-    for layer in (model[0], model[2], model[4]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    averages = _reference_averages(replica)
-    ema = ShardedEMA(model, FACTORS)
-    assert ema.shadow_bytes == _local_numel(model) * len(FACTORS) * 4
+    model, ema, replica, averages = _fsdp_mlp_with_reference(mesh=mesh)
     first = ema.tracked()[0]
     assert first.placements == (Replicate(), Shard(0))
     _train(model, ema, replica, averages, steps=4)
