@@ -58,6 +58,7 @@ def main() -> None:
     if rank == 0:
         print(f"EMA shadow bytes on rank 0: {ema.shadow_bytes} "
               f"(unsharded would be {sum(p.numel() for p in model.parameters()) * 2 * 4})")
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -89,6 +89,7 @@ def main(argv=None) -> None:
     runner.after_training()
     if rank == 0:
         write_report(Path(config.run_dir))
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 
