@@ -9,8 +9,8 @@ reported as unavailable with the reason; the benchmark goes on without it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def torch_averaged_model(model: nn.Module, factor: float) -> PeerFamily:
     """``torch.optim.swa_utils.AveragedModel`` with the foreach and the per-parameter EMA functions."""
     try:
         from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
-    except Exception as exc:  # noqa: BLE001 - any import failure makes the peer unavailable
+    except Exception as exc:
         return _unavailable("torch AveragedModel", exc)
     multi, single = get_ema_multi_avg_fn(factor), get_ema_avg_fn(factor)
     averaged = AveragedModel(model, multi_avg_fn=multi)
@@ -61,7 +61,7 @@ def ema_pytorch(model: nn.Module, factor: float) -> PeerFamily:
     """lucidrains' ``ema_pytorch.EMA``: its default per-parameter ``lerp_`` and ``use_foreach=True``."""
     try:
         from ema_pytorch import EMA
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return _unavailable("ema-pytorch", exc)
     ema = EMA(model, beta=factor, update_after_step=0, update_every=1)
     ema.update()  # initialises the copy
@@ -83,7 +83,7 @@ def diffusers_ema(model: nn.Module, factor: float) -> PeerFamily:
     """``diffusers.training_utils.EMAModel`` with ``foreach`` on and off."""
     try:
         from diffusers.training_utils import EMAModel
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return _unavailable("diffusers EMAModel", exc)
     params = list(model.parameters())
     ema = EMAModel(params, decay=factor, foreach=False)
@@ -105,7 +105,7 @@ def timm_ema(model: nn.Module, factor: float) -> PeerFamily:
     """``timm.utils.ModelEmaV3`` (foreach lerp), where timm imports."""
     try:
         from timm.utils.model_ema import ModelEmaV3
-    except Exception as exc:  # noqa: BLE001 - e.g. timm needs a torchvision matching this torch
+    except Exception as exc:
         return _unavailable("timm ModelEmaV3", exc)
     ema = ModelEmaV3(model, decay=factor)
 
@@ -119,7 +119,7 @@ class NoetherStyle:
     """The seed framework's kernel, written here: one full copy per factor, foreach ``mul_`` + ``add_``."""
 
     def __init__(self, model: nn.Module, factors: list[float]):
-        self.lives = [p for p in model.parameters()]
+        self.lives = list(model.parameters())
         self.factors = list(factors)
         self.copies = [[p.detach().clone() for p in self.lives] for _ in self.factors]
 
@@ -156,6 +156,6 @@ def importable() -> dict[str, str | None]:
         try:
             importlib.import_module(module)
             out[name] = None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             out[name] = _unavailable(name, exc).unavailable
     return out

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 OURS, GATHER, ROOF = "shardema", "gather-then-update", "roofline lerp_"
 FACTOR = 0.9999

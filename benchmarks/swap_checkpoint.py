@@ -24,16 +24,14 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
-
-import shardema  # noqa: E402
+import _common as C
+import shardema
 
 FACTORS = [0.999, 0.9999]
 SWAP_OURS, SWAP_CLONE = "shardema swapped", "clone-and-restore"
@@ -196,7 +194,8 @@ def run(args) -> dict:
                  "measured_extra_bytes": extra,
                  "extra_bytes_model": {SWAP_OURS: None if info is None else info.extra_bytes, SWAP_CLONE: live_bytes}}
     result["cases"].append(swap_case)
-    del methods, infos
+    del methods
+    infos.clear()
     gc.collect()
 
     # ---------------------------------------------------------------- checkpoint

@@ -35,10 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
-import peers as P  # noqa: E402
-
-import shardema  # noqa: E402
+import _common as C
+import peers as P
+import shardema
 
 FACTORS = [0.9999, 0.999, 0.99]
 OURS = "shardema"
@@ -133,9 +132,9 @@ class Runner:
     def k1_with_peers(self, model, meta) -> dict:
         n = meta["num_params"]
         nbytes = 12 * n
-        roofs, keep = self._roofline(nbytes)
+        roofs, _keep = self._roofline(nbytes)
         ours = shardema.ShardedEMA(model, [FACTORS[0]])
-        methods = roofs + [C.Method(OURS, ours.update)]
+        methods = [*roofs, C.Method(OURS, ours.update)]
         families, skipped = [], {}
         for build in P.FAMILIES:
             need = PEER_COPIES[build.__name__] * 4 * n
@@ -165,7 +164,7 @@ class Runner:
         if not C.fits(need, self.device):
             return {"phase": "fused_vs_separate", **meta, "num_factors": k,
                     "skipped": f"needs {need / 2**30:.1f} GiB; not enough free memory"}
-        roofs, keep = self._roofline(nbytes)
+        roofs, _keep = self._roofline(nbytes)
         fused = shardema.ShardedEMA(model, FACTORS[:k])
         separate = [shardema.ShardedEMA(model, [f]) for f in FACTORS[:k]]
 
@@ -173,7 +172,7 @@ class Runner:
             for ema in separate:
                 ema.update()
 
-        methods = roofs + [C.Method(OURS, fused.update), C.Method(SEPARATE, run_separate)]
+        methods = [*roofs, C.Method(OURS, fused.update), C.Method(SEPARATE, run_separate)]
         noether = None
         if C.fits(4 * n * k, self.device):
             noether = P.NoetherStyle(model, FACTORS[:k])
@@ -194,9 +193,9 @@ class Runner:
         if not C.fits(need, self.device):
             return {"phase": "bf16_live", **meta, "num_factors": k,
                     "skipped": f"needs {need / 2**30:.1f} GiB; not enough free memory"}
-        roofs, keep = self._roofline(nbytes)
+        roofs, _keep = self._roofline(nbytes)
         ours = shardema.ShardedEMA(model, FACTORS[:k])
-        methods = roofs + [C.Method(OURS, ours.update)]
+        methods = [*roofs, C.Method(OURS, ours.update)]
         rounds = self._time(methods, f"bf16 K={k} {meta['model']} {meta['layout']}")
         case = self._case("bf16_live", model, meta, k, torch.bfloat16, nbytes, rounds, methods)
         return case
@@ -316,7 +315,7 @@ def markdown(result: dict) -> str:
                     row.append("n/a")
             rows.append(row)
         parts.append("**K = 1, fp32: peers on the same model** (peer median ms, then the ratio shardema / peer per "
-                     "round: below 1 means shardema is faster)\n\n" + C.md_table(["model"] + peer_names, rows))
+                     "round: below 1 means shardema is faster)\n\n" + C.md_table(["model", *peer_names], rows))
         gone = {}
         for c in k1:
             gone.update(c.get("unavailable", {}))

@@ -23,10 +23,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import charlm  # noqa: E402
-from trainlib import (CheckpointManager, TrainConfig, build_model, log_line, write_report)  # noqa: E402
-
-from shardema.callbacks import CallbackRunner  # noqa: E402
+import charlm
+from shardema.callbacks import CallbackRunner
+from trainlib import CheckpointManager, TrainConfig, build_model, log_line, write_report
 
 
 def parse_args(argv=None) -> argparse.Namespace:

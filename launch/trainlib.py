@@ -8,7 +8,6 @@ import os
 import shutil
 import statistics
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -71,7 +70,7 @@ class TrainConfig(_Section):
         return load_callback_configs(yaml.safe_dump(value or []))
 
     @classmethod
-    def from_yaml(cls, path, *, run_dir: Optional[str] = None, updates: Optional[int] = None) -> "TrainConfig":
+    def from_yaml(cls, path, *, run_dir: str | None = None, updates: int | None = None) -> TrainConfig:
         """Load and validate ``path``; ``run_dir`` / ``updates`` override the file."""
         data = yaml.safe_load(Path(path).read_text()) or {}
         if run_dir is not None:
@@ -229,4 +228,4 @@ def _column_name(key: str) -> str:
     return "live" if key == "loss/val" else key.split("/")[0]
 
 
-__all__ = ["TrainConfig", "build_model", "CheckpointManager", "log_line", "write_report", "CallbackConfig"]
+__all__ = ["CallbackConfig", "CheckpointManager", "TrainConfig", "build_model", "log_line", "write_report"]

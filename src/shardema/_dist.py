@@ -7,10 +7,8 @@ is initialised: a single process is its own world.
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
-
 
 
 def is_distributed() -> bool:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from . import _dist
 from ._kernels import CPU_BATCH_NUMEL, LerpPlan
 from ._log import logger
 from ._schedule import DecaySchedule, ScheduleKind, check_factors
@@ -341,9 +340,9 @@ class ShardedEMA:
         """Decay the next ``update()`` applies, per factor: 0 when it copies the live weights
         (before ``start_step``), 1 when ``update_every`` skips it."""
         if self.schedule.is_tracking(self.step):
-            return {f: 0.0 for f in self.target_factors}
+            return dict.fromkeys(self.target_factors, 0.0)
         if not self.schedule.is_update_step(self.step):
-            return {f: 1.0 for f in self.target_factors}
+            return dict.fromkeys(self.target_factors, 1.0)
         return {f: self.schedule.decay(f, self.step) for f in self.target_factors}
 
     def swapped(self, factor: float, model_paths: Sequence[str | None] | str | None = None, *,

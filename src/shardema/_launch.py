@@ -10,7 +10,7 @@ the user gives none of the corresponding flags:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -10,8 +10,9 @@ attribute name, and :meth:`LiveTensor.local` fetches the current local piece.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn

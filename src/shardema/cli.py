@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _add_consolidate(subparsers) -> None:

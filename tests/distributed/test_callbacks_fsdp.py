@@ -8,11 +8,18 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
+from dist_harness import run_ranks
 from torch import nn
 
-from dist_harness import run_ranks
-from shardema.callbacks import (CallbackRunner, EmaCallbackConfig, MemoryWriter, OfflineLossCallbackConfig,
-                                PeriodicCallback, PeriodicCallbackConfig, register_callback)
+from shardema.callbacks import (
+    CallbackRunner,
+    EmaCallbackConfig,
+    MemoryWriter,
+    OfflineLossCallbackConfig,
+    PeriodicCallback,
+    PeriodicCallbackConfig,
+    register_callback,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -139,7 +146,7 @@ def _fsdp_callbacks(root):
     # Swaps: probe at updates 2, 4, 6; OfflineLoss at epochs 1, 2 (updates 3, 6): 5 hooks x 2 factors.
     assert swaps["count"] == 10, swaps
     for f in FACTORS:
-        probe, loss_cb = ema_cb.eval_callbacks[f]
+        probe, _loss_cb = ema_cb.eval_callbacks[f]
         assert [u for u, _ in probe.seen] == [2, 4, 6]
         for update, weights in probe.seen:
             for k, w in weights.items():

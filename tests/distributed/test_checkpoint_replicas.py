@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist_harness import run_ranks
+from torch import nn
 
 pytestmark = pytest.mark.distributed
 

@@ -9,10 +9,10 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
+from dist_harness import run_ranks
 from torch import nn
 
 import shardema
-from dist_harness import run_ranks
 
 pytestmark = pytest.mark.distributed
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist_harness import run_ranks
+from torch import nn
 
 pytestmark = pytest.mark.distributed
 
@@ -162,7 +161,7 @@ def tensor_parallel_ddp_bf16_and_partial():
     assert all(ema.shadow(f, t.key).dtype == torch.float32 for f in FACTORS for t in ema.tracked())
     reference = {f: {n: _full(p).double() for n, p in model.named_parameters()} for f in FACTORS}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
+    for _step in range(3):
         model(torch.randn(4, 8).bfloat16()).float().square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()

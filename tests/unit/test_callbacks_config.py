@@ -7,8 +7,15 @@ import yaml
 from pydantic import ValidationError
 
 import shardema.callbacks as cbs
-from shardema.callbacks import (CallbackConfig, EmaCallbackConfig, OfflineLossCallbackConfig, PeriodicCallback,
-                                PeriodicCallbackConfig, load_callback_configs, register_callback)
+from shardema.callbacks import (
+    CallbackConfig,
+    EmaCallbackConfig,
+    OfflineLossCallbackConfig,
+    PeriodicCallback,
+    PeriodicCallbackConfig,
+    load_callback_configs,
+    register_callback,
+)
 
 SEED_YAML = """
 - kind: shardema.callbacks.EmaCallback

@@ -7,9 +7,21 @@ import json
 import pytest
 import torch
 
-from shardema.callbacks import (CallbackBase, CallbackConfig, CallbackRunner, IntervalType, JsonlWriter,
-                                MemoryWriter, MultiWriter, PeriodicCallback, PeriodicCallbackConfig,
-                                PrefixedWriter, UpdateCounter, default_writer, register_callback)
+from shardema.callbacks import (
+    CallbackBase,
+    CallbackConfig,
+    CallbackRunner,
+    IntervalType,
+    JsonlWriter,
+    MemoryWriter,
+    MultiWriter,
+    PeriodicCallback,
+    PeriodicCallbackConfig,
+    PrefixedWriter,
+    UpdateCounter,
+    default_writer,
+    register_callback,
+)
 
 
 class RecorderConfig(PeriodicCallbackConfig):

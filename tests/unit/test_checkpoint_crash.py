@@ -94,7 +94,7 @@ def test_sigkill_at_random_moments_never_loses_a_committed_save(tmp_path):
         all_printed += printed
         assert min(printed) == previous + 1  # the writer resumed where the last complete save left off
 
-        model, ema = make()
+        _model, ema = make()
         assert ema.resume(root, strict=True) == "latest"
         # killed between commit and print: one step more than printed
         assert committed <= ema.step <= committed + 1, (committed, ema.step)

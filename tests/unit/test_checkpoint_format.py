@@ -9,8 +9,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from shardema.checkpoint import ManifestError, validate_tag
-from shardema.checkpoint._format import (box_overlap, ema_dirname, parse_cp_dirname, parse_rank_filename,
-                                         rank_filename, staging_dirname, tensor_crc32)
+from shardema.checkpoint._format import (
+    box_overlap,
+    ema_dirname,
+    parse_cp_dirname,
+    parse_rank_filename,
+    rank_filename,
+    staging_dirname,
+    tensor_crc32,
+)
 from shardema.checkpoint._io import SafetensorsStreamWriter, file_crc32
 from shardema.checkpoint._manifest import validate_manifest
 

@@ -14,8 +14,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 import shardema
-from shardema.checkpoint import (CheckpointMismatchError, list_checkpoints, load_consolidated, load_ema,
-                                 resume_ema, save_ema)
+from shardema.checkpoint import (
+    CheckpointMismatchError,
+    list_checkpoints,
+    load_consolidated,
+    load_ema,
+    resume_ema,
+    save_ema,
+)
 from shardema.cli import main as cli_main
 
 FACTORS = (0.9, 0.99)
@@ -125,7 +131,7 @@ def test_files_follow_the_documented_layout(tmp_path):
 
 
 def test_bad_tag_raises_before_writing(tmp_path):
-    model, ema = make()
+    _model, ema = make()
     with pytest.raises(ValueError, match="'a/b' is not valid"):
         ema.save(tmp_path, "a/b")
     assert list(tmp_path.iterdir()) == []
@@ -198,7 +204,7 @@ def test_no_intact_checkpoint_initialises_from_live_or_raises_when_strict(tmp_pa
     ema.save(tmp_path, "last")
     for tag in ("latest", "last"):
         _flip_byte(committed_file(tmp_path, tag, 0.9))
-    model2, ema2 = make(step0=3)
+    _model2, ema2 = make(step0=3)
     with pytest.raises(FileNotFoundError, match="no intact EMA checkpoint"):
         ema2.resume(tmp_path, strict=True)
     with caplog.at_level(logging.WARNING, logger="shardema"):
@@ -218,7 +224,7 @@ def test_load_ema_reads_one_given_tag_without_fallback(tmp_path):
     train(model, ema, 2)
     ema.save(tmp_path, "latest")
     ema.save(tmp_path, "E0_U4_S4")
-    model2, ema2 = make(step0=8)
+    _model2, ema2 = make(step0=8)
     assert load_ema(ema2, tmp_path, "E0_U2_S2") == "E0_U2_S2" and ema2.step == 2
     assert_state(ema2, at_two)
     with pytest.raises(FileNotFoundError, match="cp=E0_U9_S9"):
@@ -234,7 +240,7 @@ def test_load_ema_reads_one_given_tag_without_fallback(tmp_path):
 
 
 def test_structure_mismatch_lists_every_difference(tmp_path):
-    model, ema = make()
+    _model, ema = make()
     ema.save(tmp_path)
     _, other = make(hidden=6, extra=True, factors=(0.9, 0.5))
     with pytest.raises(CheckpointMismatchError) as info:
@@ -385,7 +391,7 @@ def test_consolidated_model_path_keys_are_relative(tmp_path):
 
 
 def test_consolidate_detects_a_corrupt_piece(tmp_path):
-    model, ema = make()
+    _model, ema = make()
     ema.save(tmp_path)
     _flip_byte(committed_file(tmp_path, "latest", 0.9))
     with pytest.raises(ValueError, match="CRC-32"):
@@ -426,7 +432,7 @@ def test_cli_consolidate_and_inspect(tmp_path, capsys):
 
 
 def test_cli_runs_as_a_module(tmp_path):
-    model, ema = make()
+    _model, ema = make()
     ema.save(tmp_path)
     result = subprocess.run([sys.executable, "-m", "shardema.cli", "inspect", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)

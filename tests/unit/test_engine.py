@@ -1,12 +1,10 @@
 """ShardedEMA in one process: values against float64 loops and closed forms, memory, bad input."""
 
-import math
 
 import pytest
 import torch
 from torch import nn
 
-import shardema
 from shardema import DecaySchedule, ShardedEMA
 from shardema._kernels import LerpPlan, lerp_loop_reference
 

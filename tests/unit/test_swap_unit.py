@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from shardema import EMAState, ShardedEMA
-from shardema._swap import DEFAULT_SCRATCH_BYTES, SwapAbortedError, SwapInfo, _Swap, swap_context
+from shardema._swap import DEFAULT_SCRATCH_BYTES, SwapAbortedError, _Swap, swap_context
 
 FACTORS = [0.9, 0.99]
 

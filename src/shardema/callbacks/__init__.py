@@ -5,25 +5,53 @@ models validated from YAML by :func:`load_callback_configs`. See docs/callbacks.
 """
 
 from ._base import CallbackBase, CallbackContext, Hook, IntervalType, PeriodicCallback
-from ._config import (CallbackConfig, EmaCallbackConfig, OfflineLossCallbackConfig, PeriodicCallbackConfig)
+from ._config import CallbackConfig, EmaCallbackConfig, OfflineLossCallbackConfig, PeriodicCallbackConfig
 from ._counter import UpdateCounter
 from ._ema_callback import EmaCallback, factor_prefix
 from ._loader import load_callback_configs
-from ._metrics import (JsonlWriter, LoggingWriter, MemoryWriter, MetricWriter, MultiWriter, PrefixedWriter,
-                       TensorBoardWriter, default_writer)
+from ._metrics import (
+                       JsonlWriter,
+                       LoggingWriter,
+                       MemoryWriter,
+                       MetricWriter,
+                       MultiWriter,
+                       PrefixedWriter,
+                       TensorBoardWriter,
+                       default_writer,
+)
 from ._offline_loss import OfflineLossCallback, batch_size_of, mean_over_ranks
 from ._registry import build_callback, register_callback, registered_callbacks, resolve_kind
 from ._runner import CallbackRunner, RunnerState
 
 __all__ = [
-    "CallbackBase", "PeriodicCallback", "IntervalType", "Hook", "CallbackContext",
-    "UpdateCounter",
-    "CallbackConfig", "PeriodicCallbackConfig", "EmaCallbackConfig", "OfflineLossCallbackConfig",
-    "EmaCallback", "OfflineLossCallback", "factor_prefix",
-    "load_callback_configs",
-    "register_callback", "registered_callbacks", "resolve_kind", "build_callback",
-    "CallbackRunner", "RunnerState",
-    "MetricWriter", "LoggingWriter", "JsonlWriter", "TensorBoardWriter", "MemoryWriter", "MultiWriter",
-    "PrefixedWriter", "default_writer",
-    "mean_over_ranks", "batch_size_of",
+                       "CallbackBase",
+                       "CallbackConfig",
+                       "CallbackContext",
+                       "CallbackRunner",
+                       "EmaCallback",
+                       "EmaCallbackConfig",
+                       "Hook",
+                       "IntervalType",
+                       "JsonlWriter",
+                       "LoggingWriter",
+                       "MemoryWriter",
+                       "MetricWriter",
+                       "MultiWriter",
+                       "OfflineLossCallback",
+                       "OfflineLossCallbackConfig",
+                       "PeriodicCallback",
+                       "PeriodicCallbackConfig",
+                       "PrefixedWriter",
+                       "RunnerState",
+                       "TensorBoardWriter",
+                       "UpdateCounter",
+                       "batch_size_of",
+                       "build_callback",
+                       "default_writer",
+                       "factor_prefix",
+                       "load_callback_configs",
+                       "mean_over_ranks",
+                       "register_callback",
+                       "registered_callbacks",
+                       "resolve_kind",
 ]

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,15 +63,15 @@ class CallbackContext:
         process_group: the group the model is sharded over (default: the world).
     """
 
-    model: Optional[nn.Module] = None
+    model: nn.Module | None = None
     datasets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    loss_fn: Optional[Callable[..., Any]] = None
+    loss_fn: Callable[..., Any] | None = None
     writer: MetricWriter = dataclasses.field(default_factory=MemoryWriter)
-    run_dir: Optional[str | os.PathLike] = None
-    ema_root: Optional[str | os.PathLike] = None
+    run_dir: str | os.PathLike | None = None
+    ema_root: str | os.PathLike | None = None
     process_group: Any = None
 
-    def replace(self, **changes) -> "CallbackContext":
+    def replace(self, **changes) -> CallbackContext:
         """A copy with some attributes changed (e.g. a prefixed writer for child callbacks)."""
         return dataclasses.replace(self, **changes)
 
@@ -88,9 +89,9 @@ class CallbackBase:
     """
 
     config_class: ClassVar[type[CallbackConfig]] = CallbackConfig
-    kind_name: ClassVar[Optional[str]] = None
+    kind_name: ClassVar[str | None] = None
 
-    def __init__(self, config: Optional[CallbackConfig] = None, context: Optional[CallbackContext] = None):
+    def __init__(self, config: CallbackConfig | None = None, context: CallbackContext | None = None):
         if config is None or isinstance(config, Mapping):
             data = dict(config or {})
             own_kind = type(self).__dict__.get("kind_name")  # set on registered classes only
@@ -110,7 +111,7 @@ class CallbackBase:
         return self.config.display_name
 
     @property
-    def model(self) -> Optional[nn.Module]:
+    def model(self) -> nn.Module | None:
         """The live model of the run."""
         return self.context.model
 
@@ -119,7 +120,7 @@ class CallbackBase:
         """Where this callback's metrics go (prefixed for EMA children)."""
         return self.context.writer
 
-    def log_scalar(self, key: str, value, update_counter: Optional[UpdateCounter] = None) -> None:
+    def log_scalar(self, key: str, value, update_counter: UpdateCounter | None = None) -> None:
         """Write one metric through :attr:`writer`."""
         self.writer.add_scalar(key, value, update_counter=update_counter)
 
@@ -159,7 +160,7 @@ class CallbackBase:
         """
         return True
 
-    def get_children(self) -> list["CallbackBase"]:
+    def get_children(self) -> list[CallbackBase]:
         """Callbacks this one owns and dispatches (flat list; none by default)."""
         return []
 
@@ -185,7 +186,7 @@ class PeriodicCallback(CallbackBase):
 
     config_class: ClassVar[type[CallbackConfig]] = PeriodicCallbackConfig
 
-    def __init__(self, config: Optional[PeriodicCallbackConfig] = None, context: Optional[CallbackContext] = None):
+    def __init__(self, config: PeriodicCallbackConfig | None = None, context: CallbackContext | None = None):
         super().__init__(config, context)
         self.every_n_epochs = self.config.every_n_epochs
         self.every_n_updates = self.config.every_n_updates
@@ -204,7 +205,7 @@ class PeriodicCallback(CallbackBase):
             "or set batch_size in the callback's config"
         )
 
-    def update_interval(self, update_counter: UpdateCounter) -> Optional[IntervalType]:
+    def update_interval(self, update_counter: UpdateCounter) -> IntervalType | None:
         """The interval that fires after the current update, if any (updates before samples)."""
         if self.every_n_updates is not None and update_counter.update % self.every_n_updates == 0:
             return IntervalType.UPDATE

@@ -11,11 +11,10 @@ configures, and fills it in otherwise.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .._schedule import check_factors
@@ -25,7 +24,7 @@ from ._registry import kinds_of_config, known_kinds, resolve_kind
 PositiveStrictInt = Annotated[int, Field(gt=0, strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
 
-SHADOW_DTYPES: dict[str, Optional[torch.dtype]] = {
+SHADOW_DTYPES: dict[str, torch.dtype | None] = {
     "float32": torch.float32,
     "float64": torch.float64,
     "bfloat16": torch.bfloat16,
@@ -53,7 +52,7 @@ class CallbackConfig(BaseModel):
 
     kind: str
     """Short name (``EmaCallback``) or dotted import path of a registered callback."""
-    name: Optional[str] = None
+    name: str | None = None
     """Display name used in logs and as the key of the callback's state (default: ``kind``)."""
 
     @model_validator(mode="wrap")
@@ -98,13 +97,13 @@ class CallbackConfig(BaseModel):
 class PeriodicCallbackConfig(CallbackConfig):
     """A callback that runs every n epochs, updates and/or samples (any that are set)."""
 
-    every_n_epochs: Optional[PositiveStrictInt] = None
+    every_n_epochs: PositiveStrictInt | None = None
     """Run after every n-th completed epoch."""
-    every_n_updates: Optional[PositiveStrictInt] = None
+    every_n_updates: PositiveStrictInt | None = None
     """Run after every n-th optimizer update."""
-    every_n_samples: Optional[PositiveStrictInt] = None
+    every_n_samples: PositiveStrictInt | None = None
     """Run after the update during which the sample count crossed a multiple of n."""
-    batch_size: Optional[PositiveStrictInt] = None
+    batch_size: PositiveStrictInt | None = None
     """Samples per update for ``every_n_samples`` when the training loop does not count
     samples (its UpdateCounter has no effective batch size); ignored otherwise."""
 
@@ -138,7 +137,7 @@ class EmaCallbackConfig(PeriodicCallbackConfig):
     every optimizer update.
     """
 
-    model_paths: Optional[list[Optional[str]]] = None
+    model_paths: list[str | None] | None = None
     """Dotted submodule paths averaged separately (``None``: the whole model)."""
     target_factors: list[float] = Field(default_factory=lambda: [0.9999])
     """Decays in (0, 1), distinct; eval callbacks run once per factor."""
@@ -150,7 +149,7 @@ class EmaCallbackConfig(PeriodicCallbackConfig):
     """Save ``cp=latest`` on the periodic schedule (overwritten each time)."""
     eval_callbacks: list[SerializeAsAny[CallbackConfig]] = Field(default_factory=list)
     """Callbacks run with the EMA weights swapped in, each on its own schedule."""
-    root: Optional[str] = None
+    root: str | None = None
     """Checkpoint directory; default: the runner's ``ema_root`` (``<run_dir>/ema``)."""
     strict_resume: StrictBool = False
     """On resume, raise instead of warning when no committed checkpoint exists."""
@@ -202,7 +201,7 @@ class EmaCallbackConfig(PeriodicCallbackConfig):
         return self
 
     @property
-    def torch_shadow_dtype(self) -> Optional[torch.dtype]:
+    def torch_shadow_dtype(self) -> torch.dtype | None:
         """``shadow_dtype`` as a torch dtype (``None`` for ``live``)."""
         return SHADOW_DTYPES[self.shadow_dtype]
 
@@ -212,7 +211,7 @@ class OfflineLossCallbackConfig(PeriodicCallbackConfig):
 
     dataset_key: str = Field(min_length=1)
     """Key of the loader in the runner's ``datasets`` mapping (e.g. ``val``)."""
-    metric_key: Optional[str] = None
+    metric_key: str | None = None
     """Metric name (default ``loss/<dataset_key>``)."""
 
     @field_validator("dataset_key", "metric_key")

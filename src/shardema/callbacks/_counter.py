@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 class UpdateCounter:
     """Completed epochs, optimizer updates and samples of a training run.
@@ -22,7 +20,7 @@ class UpdateCounter:
         epoch, update, sample: the starting point (e.g. after a resume).
     """
 
-    def __init__(self, *, effective_batch_size: Optional[int] = None, updates_per_epoch: Optional[int] = None,
+    def __init__(self, *, effective_batch_size: int | None = None, updates_per_epoch: int | None = None,
                  epoch: int = 0, update: int = 0, sample: int = 0):
         for name, value in (("effective_batch_size", effective_batch_size), ("updates_per_epoch", updates_per_epoch)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -39,7 +37,7 @@ class UpdateCounter:
         """Samples consumed by the latest update (0 when the loop does not count them)."""
 
     # ------------------------------------------------------------------ progress
-    def next_update(self, num_samples: Optional[int] = None) -> None:
+    def next_update(self, num_samples: int | None = None) -> None:
         """Count one optimizer update of ``num_samples`` samples (default: the effective batch size)."""
         if num_samples is None:
             num_samples = self.effective_batch_size or 0

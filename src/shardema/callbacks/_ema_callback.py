@@ -14,7 +14,7 @@ children without a swap, so they see the live weights.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -55,7 +55,7 @@ class EmaCallback(PeriodicCallback):
 
     config_class: ClassVar = EmaCallbackConfig
 
-    def __init__(self, config: Optional[EmaCallbackConfig] = None, context: Optional[CallbackContext] = None):
+    def __init__(self, config: EmaCallbackConfig | None = None, context: CallbackContext | None = None):
         super().__init__(config, context)
         cfg: EmaCallbackConfig = self.config
         self.model_paths = cfg.model_paths
@@ -67,13 +67,13 @@ class EmaCallback(PeriodicCallback):
         if self.root is None and (self.save_weights or self.save_latest_weights or self.save_last_weights):
             raise ValueError(f"{self.name}: saving is enabled but there is no checkpoint directory; set root in "
                              "the config or give the runner ema_root=... or run_dir=...")
-        self.ema: Optional[ShardedEMA] = None
-        self.resumed_from: Optional[str] = None
+        self.ema: ShardedEMA | None = None
+        self.resumed_from: str | None = None
         """What :meth:`resume_from_checkpoint` loaded: ``"latest"``, ``"last"`` or ``None`` (init)."""
         self.saved_tags: list[str] = []
         """Tags saved by this callback in this process, oldest first."""
         self._saved_at: dict[str, str] = {}
-        self._saved_ema_step: Optional[int] = None
+        self._saved_ema_step: int | None = None
         self.eval_callbacks: dict[float, list[CallbackBase]] = {
             factor: [build_callback(child, self.context.replace(writer=PrefixedWriter(self.context.writer,
                                                                                       factor_prefix(factor))))
@@ -81,7 +81,7 @@ class EmaCallback(PeriodicCallback):
             for factor in self.target_factors
         }
 
-    def _resolve_root(self) -> Optional[Path]:
+    def _resolve_root(self) -> Path | None:
         if self.config.root is not None:
             return Path(self.config.root)
         if self.context.ema_root is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import ConfigDict, SerializeAsAny, TypeAdapter
@@ -14,7 +14,7 @@ from ._config import CallbackConfig
 _CONFIG_LIST = TypeAdapter(list[SerializeAsAny[CallbackConfig]], config=ConfigDict(title="callback configs"))
 
 
-def _read(source: Union[str, os.PathLike]) -> tuple[str, str]:
+def _read(source: str | os.PathLike) -> tuple[str, str]:
     """(text, where) of a path or of YAML text."""
     if isinstance(source, os.PathLike):
         return Path(source).read_text(encoding="utf-8"), str(source)
@@ -29,7 +29,7 @@ def _read(source: Union[str, os.PathLike]) -> tuple[str, str]:
     return source, "<yaml text>"
 
 
-def load_callback_configs(source: Union[str, os.PathLike, list]) -> list[CallbackConfig]:
+def load_callback_configs(source: str | os.PathLike | list) -> list[CallbackConfig]:
     """The validated list of callback configs in a YAML file, YAML text or a parsed list.
 
     The document is a list of mappings, each with a ``kind``, or a mapping whose

@@ -11,8 +11,9 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,7 +32,7 @@ def _as_float(value) -> float:
     return float(value)
 
 
-def _position(update_counter: Optional["UpdateCounter"]) -> dict:
+def _position(update_counter: UpdateCounter | None) -> dict:
     if update_counter is None:
         return {}
     return {"epoch": update_counter.epoch, "update": update_counter.update, "sample": update_counter.sample}
@@ -41,18 +42,18 @@ class MetricWriter(ABC):
     """Where callbacks send scalar metrics; subclass and implement :meth:`add_scalar`."""
 
     @abstractmethod
-    def add_scalar(self, key: str, value, *, update_counter: Optional["UpdateCounter"] = None) -> None:
+    def add_scalar(self, key: str, value, *, update_counter: UpdateCounter | None = None) -> None:
         """Record one scalar (a float or a one-element tensor) at the counter's position."""
 
-    def add_scalars(self, values: Mapping[str, object], *, update_counter: Optional["UpdateCounter"] = None) -> None:
+    def add_scalars(self, values: Mapping[str, object], *, update_counter: UpdateCounter | None = None) -> None:
         """Record several scalars at the same position."""
         for key, value in values.items():
             self.add_scalar(key, value, update_counter=update_counter)
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Push buffered records out (no-op by default)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release files and handles (no-op by default)."""
 
 

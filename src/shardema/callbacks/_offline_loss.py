@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -67,11 +68,11 @@ class OfflineLossCallback(PeriodicCallback):
 
     config_class: ClassVar = OfflineLossCallbackConfig
 
-    def __init__(self, config: Optional[OfflineLossCallbackConfig] = None, context: Optional[CallbackContext] = None,
-                 *, loss_fn: Optional[Callable[..., Any]] = None):
+    def __init__(self, config: OfflineLossCallbackConfig | None = None, context: CallbackContext | None = None,
+                 *, loss_fn: Callable[..., Any] | None = None):
         super().__init__(config, context)
         self.loss_fn = loss_fn
-        self.last_loss: Optional[float] = None
+        self.last_loss: float | None = None
 
     @property
     def metric_key(self) -> str:

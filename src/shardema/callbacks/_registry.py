@@ -12,7 +12,8 @@ is stored in its short form, so dumped configs are canonical.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._base import CallbackBase, CallbackContext
@@ -99,7 +100,7 @@ def kinds_of_config(config_class: type) -> list[str]:
     return [short for short, klass in _REGISTRY.items() if klass.config_class is config_class]
 
 
-def build_callback(config: "CallbackConfig", context: "CallbackContext") -> "CallbackBase":
+def build_callback(config: CallbackConfig, context: CallbackContext) -> CallbackBase:
     """Instantiate the callback a validated config names."""
     _, klass = resolve_kind(config.kind)
     return klass(config, context)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -62,17 +63,17 @@ class CallbackRunner:
 
     def __init__(
         self,
-        callbacks: Union[Sequence[CallbackSpec], str, os.PathLike],
+        callbacks: Sequence[CallbackSpec] | str | os.PathLike,
         *,
-        model: Optional[nn.Module] = None,
-        update_counter: Optional[UpdateCounter] = None,
-        effective_batch_size: Optional[int] = None,
-        updates_per_epoch: Optional[int] = None,
-        datasets: Optional[Mapping[str, Iterable]] = None,
-        loss_fn: Optional[Callable[..., Any]] = None,
-        writer: Optional[MetricWriter] = None,
-        run_dir: Optional[Union[str, os.PathLike]] = None,
-        ema_root: Optional[Union[str, os.PathLike]] = None,
+        model: nn.Module | None = None,
+        update_counter: UpdateCounter | None = None,
+        effective_batch_size: int | None = None,
+        updates_per_epoch: int | None = None,
+        datasets: Mapping[str, Iterable] | None = None,
+        loss_fn: Callable[..., Any] | None = None,
+        writer: MetricWriter | None = None,
+        run_dir: str | os.PathLike | None = None,
+        ema_root: str | os.PathLike | None = None,
         process_group=None,
     ):
         if update_counter is None:
@@ -93,7 +94,7 @@ class CallbackRunner:
         self._keys = _unique_keys(self.callbacks)
         self._check_ema_roots()
         self.state = RunnerState.CREATED
-        self._epoch_closed_at: Optional[int] = None
+        self._epoch_closed_at: int | None = None
 
     def _build(self, spec: CallbackSpec, index: int) -> CallbackBase:
         if isinstance(spec, CallbackBase):
@@ -131,7 +132,7 @@ class CallbackRunner:
             visit(cb)
         return out
 
-    def __getitem__(self, key: Union[int, str]) -> CallbackBase:
+    def __getitem__(self, key: int | str) -> CallbackBase:
         """A top-level callback by index or by state key (its name)."""
         if isinstance(key, int):
             return self.callbacks[key]
@@ -148,7 +149,7 @@ class CallbackRunner:
             for cb in self.callbacks:
                 getattr(cb, hook.value)(update_counter=self.update_counter, **kwargs)
 
-    def resume_from_checkpoint(self, state_dict: Optional[dict] = None, **kwargs) -> None:
+    def resume_from_checkpoint(self, state_dict: dict | None = None, **kwargs) -> None:
         """Collective, before :meth:`before_training`: restore ``state_dict`` (from :meth:`state_dict`)
         and let every callback resume (the EMA: ``cp=latest``, then ``cp=last``, then init)."""
         self._require(RunnerState.CREATED, "resume_from_checkpoint")
@@ -162,7 +163,7 @@ class CallbackRunner:
         self.state = RunnerState.TRAINING
         self._call(Hook.BEFORE_TRAINING, **kwargs)
 
-    def after_update(self, num_samples: Optional[int] = None, **kwargs) -> None:
+    def after_update(self, num_samples: int | None = None, **kwargs) -> None:
         """Collective: after every ``optimizer.step()``.
 
         Counts the update (``num_samples`` over all ranks; default the effective batch

@@ -21,8 +21,16 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from .._shards import path_label
-from ._format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, cp_dirname, dtype_from_name, numel,
-                      old_dirname, parse_rank_filename)
+from ._format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    cp_dirname,
+    dtype_from_name,
+    numel,
+    old_dirname,
+    parse_rank_filename,
+)
 
 
 class ManifestError(ValueError):

@@ -36,9 +36,23 @@ import torch
 from .. import _dist
 from .._log import logger
 from .._shards import path_label
-from ._format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STAGING_MARK, TEMP_SUFFIX, cp_dirname,
-                      dtype_name, ema_dirname, factor_name, old_dirname, parse_cp_dirname, rank_filename,
-                      staging_dirname, tensor_crc32, validate_tag)
+from ._format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    STAGING_MARK,
+    TEMP_SUFFIX,
+    cp_dirname,
+    dtype_name,
+    ema_dirname,
+    factor_name,
+    old_dirname,
+    parse_cp_dirname,
+    rank_filename,
+    staging_dirname,
+    tensor_crc32,
+    validate_tag,
+)
 from ._io import SafetensorsStreamWriter, fsync_dir, make_dirs, write_bytes_atomic
 from ._manifest import find_candidates, validate_manifest
 
