@@ -75,7 +75,7 @@ def main(argv=None) -> None:
         if use_cuda:
             torch.cuda.synchronize()
         toc = time.perf_counter()
-        runner.after_update(loss=loss.detach())  # EMA update, periodic saves, evaluations
+        runner.after_update(values={"loss": loss.detach()})  # EMA update, periodic saves, evaluations
         if use_cuda:
             torch.cuda.synchronize()
         step_seconds.append(toc - tic)

@@ -1,19 +1,22 @@
 """shardema: exponential moving averages of model weights for sharded PyTorch training."""
 
-from ._ema import EMAState, ShardedEMA, reshard_fsdp
-from ._schedule import DecaySchedule
-from ._swap import DEFAULT_SCRATCH_BYTES as DEFAULT_SWAP_SCRATCH_BYTES
-from ._swap import SwapAbortedError, SwapInfo
+from ._ema import EMAState, ShardedEMA
+from ._shards import reshard_fsdp
+from ._swap import SwapAbortedError, SwapInfo, SwapWriteError
 from .checkpoint import load_consolidated
+from .config import DEFAULT_EXCHANGE_BUFFER_BYTES, DEFAULT_UPCAST_BUFFER_BYTES, DecaySchedule, EMAConfig
 
 __all__ = [
-           "DEFAULT_SWAP_SCRATCH_BYTES",
-           "DecaySchedule",
-           "EMAState",
-           "ShardedEMA",
-           "SwapAbortedError",
-           "SwapInfo",
-           "load_consolidated",
-           "reshard_fsdp",
+    "DEFAULT_EXCHANGE_BUFFER_BYTES",
+    "DEFAULT_UPCAST_BUFFER_BYTES",
+    "DecaySchedule",
+    "EMAConfig",
+    "EMAState",
+    "ShardedEMA",
+    "SwapAbortedError",
+    "SwapInfo",
+    "SwapWriteError",
+    "load_consolidated",
+    "reshard_fsdp",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,21 +1,27 @@
-"""ShardedEMA: per-rank shadows of the local shards, fused updates, Stateful state."""
+"""ShardedEMA: the public facade. It owns the step, the schedule and the swap state.
+
+Storage and kernels live in :class:`~shardema._store.ShadowStore`; the swap protocol in
+``_swap``; checkpoints in ``checkpoint/``. Those modules reach the EMA only through its
+public methods and the store's interface (:attr:`ShardedEMA.store`, :meth:`ShardedEMA.loading`);
+only this module changes the EMA's step, schedule and state.
+"""
 
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._kernels import CPU_BATCH_NUMEL, LerpPlan
+from ._compat import DTensor, local_tensor
 from ._log import logger
-from ._schedule import DecaySchedule, ScheduleKind, check_factors
-from ._shards import BufferPolicy, DTensor, LiveTensor, check_model_paths, collect, path_label
-
-_DEFAULT_SCRATCH_BYTES = 32 * 2**20
-_DEFAULT_CHUNK_NUMEL = 2**18
+from ._shards import TrackedTensor, path_label
+from ._store import CheckpointLoad, Key, ShadowStore
+from ._swap import SwapInfo, swap_session
+from .config import RENAMED_OPTIONS, SCHEDULE_FIELDS, DecaySchedule, EMAConfig, check_model_paths, factors_match
 
 
 class EMAState(enum.Enum):
@@ -25,39 +31,30 @@ class EMAState(enum.Enum):
     SWAPPED = "swapped"
 
 
-def reshard_fsdp(model: nn.Module) -> None:
-    """Reshard every FSDP2 module under ``model`` so parameters are sharded DTensors again.
-
-    After a forward with ``reshard_after_forward=False`` (or an eval forward of the root),
-    FSDP2 leaves unsharded plain Parameters registered. ``reshard()`` is local (no
-    communication) and a no-op for modules that are already sharded.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-class _Group:
-    """Shadows of the blended tensors of one (device, live dtype), in one flat [K, N] buffer."""
-
-    def __init__(self, members: list[LiveTensor], num_factors: int, shadow_dtype: torch.dtype,
-                 device: torch.device):
-        self.members = members
-        self.shadow_dtype = shadow_dtype
-        total = sum(m.local_numel for m in members)
-        self.flat = torch.empty((num_factors, total), dtype=shadow_dtype, device=device)
-        self.views: list[list[torch.Tensor]] = [[] for _ in range(num_factors)]
-        offset = 0
-        for m in members:
-            for k in range(num_factors):
-                self.views[k].append(self.flat[k, offset:offset + m.local_numel].view(m.local_shape))
-            offset += m.local_numel
-        self.plan: LerpPlan | None = None
-        self.plan_lives: list[torch.Tensor] | None = None  # None: no plan built yet
+def build_config(config: Any, options: dict[str, Any]) -> EMAConfig:
+    """The :class:`EMAConfig` that ``ShardedEMA(model, config, **options)`` means; errors name the option."""
+    renamed = [k for k in options if k in RENAMED_OPTIONS]
+    if renamed:
+        raise TypeError("; ".join(f"ShardedEMA option {k!r} was renamed to {RENAMED_OPTIONS[k]!r}" for k in renamed))
+    known = set(EMAConfig.model_fields) | set(SCHEDULE_FIELDS)
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise TypeError(f"ShardedEMA got unknown option(s) {unknown}; EMAConfig has: {sorted(known)}")
+    if isinstance(config, EMAConfig):
+        if options:
+            raise TypeError(f"ShardedEMA got an EMAConfig and the keyword(s) {sorted(options)}; put them in the "
+                            f"config instead: config.model_copy(update={{...}}) or EMAConfig(..., "
+                            f"{sorted(options)[0]}=...)")
+        return config.to_ema_config()
+    if config is not None:
+        if "target_factors" in options:
+            raise TypeError("ShardedEMA got target factors twice (second argument and target_factors=); give them "
+                            "once")
+        options = {"target_factors": config, **options}
+    if "target_factors" not in options:
+        raise TypeError("ShardedEMA needs target factors: ShardedEMA(model, [0.9999]) or "
+                        "ShardedEMA(model, EMAConfig(target_factors=[0.9999]))")
+    return EMAConfig(**options)
 
 
 class ShardedEMA:
@@ -71,238 +68,119 @@ class ShardedEMA:
     Args:
         model: the live module: plain, DDP-wrapped, FSDP2 ``fully_shard``-ed, or with
             DTensor parameters (tensor parallel, HSDP).
-        target_factors: one decay or a list of distinct decays in (0, 1). Typical: 0.999
-            for ~10k-step runs, 0.9999 for ~100k+ steps.
-        model_paths: dotted submodule paths to average separately (``None`` = the whole
-            model). Keys are FQNs relative to each path, wrapper prefixes removed.
-        shadow_dtype: dtype of the shadows (default fp32; ``None`` = each live dtype).
-        buffers: ``"copy"`` (buffers follow the live model), ``"average"`` (float buffers
-            are averaged like parameters, integer ones copied) or ``"ignore"``.
-        schedule: ``"constant"``, ``"warmup"`` or ``"power"`` (see :class:`DecaySchedule`).
-        inv_gamma, power: parameters of the ``power`` schedule.
-        update_every: average on every k-th ``update()`` call only.
-        start_step: calls before this step copy the live weights instead of averaging.
-        include_frozen: also average parameters with ``requires_grad=False``.
+        config: an :class:`~shardema.EMAConfig`, or just the target factors (one decay or
+            a list of distinct decays in (0, 1)).
         process_group: the group the model is sharded over (default: the world).
-        upcast_scratch_bytes: size of the scratch buffer used to upcast bf16/fp16 live
-            shards for fp32 shadows.
-        chunk_numel: chunk size used to order multi-factor updates for cache reuse.
+        **options: :class:`~shardema.EMAConfig` fields, as a convenience that builds the
+            config (``target_factors``, ``model_paths``, ``shadow_dtype``, ``buffers``,
+            ``schedule``, ``inv_gamma``, ``power``, ``update_every``, ``start_step``,
+            ``include_frozen``, ``upcast_buffer_bytes``, ``exchange_buffer_bytes``,
+            ``chunk_numel``). Not allowed together with an ``EMAConfig``.
+
+    Example::
+
+        ema = ShardedEMA(model, [0.999, 0.9999])                       # keywords
+        ema = ShardedEMA(model, EMAConfig(target_factors=[0.999]))     # the same, as a config
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        target_factors: float | Sequence[float],
-        *,
-        model_paths: Sequence[str | None] | str | None = None,
-        shadow_dtype: torch.dtype | None = torch.float32,
-        buffers: BufferPolicy = "copy",
-        schedule: ScheduleKind | DecaySchedule = "constant",
-        inv_gamma: float = 1.0,
-        power: float = 2 / 3,
-        update_every: int = 1,
-        start_step: int = 0,
-        include_frozen: bool = True,
-        process_group=None,
-        upcast_scratch_bytes: int = _DEFAULT_SCRATCH_BYTES,
-        chunk_numel: int = _DEFAULT_CHUNK_NUMEL,
-    ):
+    def __init__(self, model: nn.Module, config: EMAConfig | float | Sequence[float] | None = None, *,
+                 process_group=None, **options: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if buffers not in ("copy", "average", "ignore"):
-            raise ValueError(f"buffers={buffers!r} is not a buffers policy; use 'copy', 'average' or 'ignore'")
-        if shadow_dtype is not None and not (isinstance(shadow_dtype, torch.dtype) and shadow_dtype.is_floating_point):
-            raise ValueError(f"shadow_dtype={shadow_dtype!r} must be a floating torch dtype such as torch.float32, or None")
-        if chunk_numel < 1 or upcast_scratch_bytes < 1:
-            raise ValueError(f"chunk_numel={chunk_numel} and upcast_scratch_bytes={upcast_scratch_bytes} must be positive")
-        if isinstance(schedule, DecaySchedule):
-            self.schedule = schedule
-        else:
-            if schedule not in ("constant", "warmup", "power"):
-                raise ValueError(f"schedule={schedule!r} is not a schedule; use 'constant', 'warmup' or 'power'")
-            self.schedule = DecaySchedule(kind=schedule, inv_gamma=inv_gamma, power=power,
-                                          update_every=update_every, start_step=start_step)
+        self.config: EMAConfig = build_config(config, options)
+        """The validated options (frozen)."""
         self.model = model
-        self.target_factors: tuple[float, ...] = check_factors(target_factors)
-        self.model_paths: tuple[str | None, ...] = tuple(check_model_paths(model_paths))
         self.process_group = process_group
-        self.shadow_dtype = shadow_dtype
-        self.buffers = buffers
-        self.include_frozen = include_frozen
-        self.step = 0
-        self.state = EMAState.IDLE
-        self._chunk_numel = chunk_numel
-        self._scratch_bytes = upcast_scratch_bytes
-
-        reshard_fsdp(model)
-        self._tracked = collect(model, list(self.model_paths), include_frozen=include_frozen,
-                                buffers=buffers, group=process_group)
-        self._build_storage()
-        # Registered-tensor counts of every owning module: a cheap per-update check that
-        # nothing was added to or removed from them.
-        owners = {id(t.owner): t.owner for t in self._tracked}
-        self._owner_counts = [(m, len(m._parameters), len(m._buffers)) for m in owners.values()]
-        self._initialise_from_live()
+        self._step = 0
+        self._state = EMAState.IDLE
+        self._schedule: DecaySchedule = self.config.schedule
+        self._store = ShadowStore(model, self.config, process_group)
+        self._store.copy_from_live()
         logger.info("tracking %d tensors in %d model path(s) with factors %s: %d shadow bytes on this rank",
-                    len(self._tracked), len(self.model_paths), list(self.target_factors), self.shadow_bytes)
+                    len(self._store.tracked()), len(self.model_paths), list(self.target_factors), self.shadow_bytes)
 
-    # ------------------------------------------------------------------ storage
-    def _blends(self, t: LiveTensor) -> bool:
-        if not t.dtype.is_floating_point:
-            return False
-        return not t.is_buffer or self.buffers == "average"
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def target_factors(self) -> tuple[float, ...]:
+        """The decays, in the configured order."""
+        return self.config.target_factors
 
-    def _build_storage(self) -> None:
-        num_factors = len(self.target_factors)
-        groups: dict[tuple, list[LiveTensor]] = {}
-        self._copied: list[LiveTensor] = []
-        for t in self._tracked:
-            if self._blends(t):
-                groups.setdefault((t.device, t.dtype), []).append(t)
-            else:
-                self._copied.append(t)
-        self._groups: list[_Group] = []
-        self._shadow_of: dict[tuple, tuple[_Group, int]] = {}
-        for (device, dtype), members in groups.items():
-            group = _Group(members, num_factors, self.shadow_dtype or dtype, device)
-            self._groups.append(group)
-            for i, m in enumerate(members):
-                self._shadow_of[m.key] = (group, i)
-        # Copied tensors (integer buffers, buffers under "copy"): one copy shared by all factors.
-        self._copies: dict[tuple, torch.Tensor] = {
-            t.key: torch.empty(t.local_shape, dtype=t.dtype, device=t.device) for t in self._copied
-        }
-        self._copy_lives: list[torch.Tensor] | None = None
-        self._copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        self._scratch: dict[torch.device, torch.Tensor] = {}
-        for group in self._groups:
-            if any(m.dtype != group.shadow_dtype for m in group.members) and group.flat.device not in self._scratch:
-                numel = max(1, self._scratch_bytes // group.flat.element_size())
-                want = max(1, max(m.local_numel for m in group.members))
-                if group.flat.device.type == "cpu":  # one L2-sized batch per CPU worker (see _kernels)
-                    want = max(want, CPU_BATCH_NUMEL * torch.get_num_threads())
-                self._scratch[group.flat.device] = torch.empty(min(numel, want),
-                                                               dtype=group.shadow_dtype, device=group.flat.device)
+    @property
+    def model_paths(self) -> tuple[str | None, ...]:
+        """The tracked model paths (``(None,)``: the whole model)."""
+        return self.config.model_paths
+
+    @property
+    def shadow_dtype(self) -> torch.dtype | None:
+        """The shadows' dtype (``None``: each live tensor's own dtype)."""
+        return self.config.torch_shadow_dtype
+
+    @property
+    def buffers(self) -> str:
+        """The buffers policy: ``copy``, ``average`` or ``ignore``."""
+        return self.config.buffers
+
+    @property
+    def include_frozen(self) -> bool:
+        """Whether parameters with ``requires_grad=False`` are averaged."""
+        return self.config.include_frozen
+
+    @property
+    def step(self) -> int:
+        """Number of ``update()`` calls applied so far (restored by a checkpoint load)."""
+        return self._step
+
+    @property
+    def schedule(self) -> DecaySchedule:
+        """The active schedule: the configured one, or the one a loaded checkpoint was saved with."""
+        return self._schedule
+
+    @property
+    def state(self) -> EMAState:
+        """``IDLE``, or ``SWAPPED`` inside ``with ema.swapped(...)``."""
+        return self._state
+
+    @property
+    def store(self) -> ShadowStore:
+        """The shadow storage: the read interface the swap and checkpoint code use (do not mutate)."""
+        return self._store
 
     @property
     def shadow_bytes(self) -> int:
         """Bytes of shadow storage on this rank for blended tensors (all factors)."""
-        return sum(g.flat.numel() * g.flat.element_size() for g in self._groups)
+        return self._store.shadow_bytes
 
     @property
     def copied_bytes(self) -> int:
         """Bytes held for copied tensors (buffers under ``copy``, integer buffers)."""
-        return sum(t.numel() * t.element_size() for t in self._copies.values())
+        return self._store.copied_bytes
 
     @property
-    def scratch_bytes(self) -> int:
-        """Bytes of the bounded upcast scratch buffers (0 when live and shadow dtypes match)."""
-        return sum(t.numel() * t.element_size() for t in self._scratch.values())
+    def upcast_buffer_bytes(self) -> int:
+        """Bytes of the bounded buffers that upcast bf16/fp16 live shards in ``update()`` (0 when dtypes match)."""
+        return self._store.upcast_buffer_bytes
 
     # ------------------------------------------------------------------ lookup
     def factor_index(self, factor: float) -> int:
         """Index of ``factor`` in :attr:`target_factors`; raises listing the valid ones."""
         for k, f in enumerate(self.target_factors):
-            if math.isclose(f, float(factor), rel_tol=0, abs_tol=1e-12):
+            if factors_match(f, factor):
                 return k
         raise ValueError(f"factor {factor!r} is not one of this EMA's target factors {list(self.target_factors)}")
 
-    def tracked(self, model_paths: Iterable[str | None] | None = None) -> list[LiveTensor]:
+    def tracked(self, model_paths: Iterable[str | None] | str | None = None) -> list[TrackedTensor]:
         """The tracked tensors, optionally only those of some model paths (validated)."""
-        if model_paths is None:
-            return list(self._tracked)
-        wanted = set(check_model_paths(model_paths))
-        unknown = [p for p in wanted if p not in self.model_paths]
-        if unknown:
-            raise ValueError(f"model paths {unknown} are not tracked by this EMA; tracked: {list(self.model_paths)}")
-        return [t for t in self._tracked if t.model_path in wanted]
+        return self._store.tracked(model_paths)
 
-    def shadow(self, factor: float | int, key: tuple[str | None, str]) -> torch.Tensor:
-        """This rank's EMA tensor of ``key = (model_path, fqn)`` for ``factor`` (a view; copies are shared)."""
-        if key in self._copies:
-            return self._copies[key]
+    def shadow(self, factor: float | int, key: Key) -> torch.Tensor:
+        """This rank's EMA tensor of ``key = (model_path, fqn)`` for ``factor`` (a float) or a factor
+        index (an int); a view, shared by all factors for copied tensors."""
         k = factor if isinstance(factor, int) else self.factor_index(factor)
-        group, i = self._shadow_of[key]
-        return group.views[k][i]
+        return self._store.shadow(k, key)
 
-    # ------------------------------------------------------------------ live tensors
-    def _live_locals(self, group_members: list[LiveTensor]) -> list[torch.Tensor]:
-        return [t.local() for t in group_members]
-
-    def _check_live(self, members: list[LiveTensor], lives: list[torch.Tensor]) -> None:
-        for t, live in zip(members, lives):
-            if tuple(live.shape) != t.local_shape or live.dtype != t.dtype:
-                raise RuntimeError(
-                    f"the model's parameter set changed: {t.fqn!r} (model path {path_label(t.model_path)!r}) "
-                    f"now has local shape {tuple(live.shape)} and dtype {live.dtype}, expected "
-                    f"{t.local_shape} and {t.dtype}; create a new ShardedEMA after changing the model"
-                )
-
-    @staticmethod
-    def _same_tensors(lives: list[torch.Tensor], cached: list[torch.Tensor] | None) -> bool:
-        return cached is not None and len(cached) == len(lives) and all(a is b for a, b in zip(lives, cached))
-
-    def _resolved_plan(self, group: _Group) -> LerpPlan:
-        """The group's plan, rebuilt only when a live local tensor was replaced."""
-        lives = self._live_locals(group.members)
-        if self._same_tensors(lives, group.plan_lives):
-            return group.plan
-        # Something changed: FSDP2 may have left unsharded params (reshard and look again)
-        # or replaced a local tensor (new views, same shadows).
-        reshard_fsdp(self.model)
-        lives = self._live_locals(group.members)
-        if self._same_tensors(lives, group.plan_lives):
-            return group.plan
-        self._check_live(group.members, lives)
-        group.plan = LerpPlan(group.views, lives, chunk_numel=self._chunk_numel,
-                              scratch=self._scratch.get(group.flat.device))
-        group.plan_lives = lives
-        return group.plan
-
-    def _copied_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(destinations, live sources) of the copied tensors; cached while the live tensors are unchanged."""
-        lives = [t.local() for t in self._copied]
-        if not self._same_tensors(lives, self._copy_lives):
-            reshard_fsdp(self.model)
-            lives = [t.local() for t in self._copied]
-            self._check_live(self._copied, lives)
-            keep = [i for i, live in enumerate(lives) if live.numel() > 0]
-            self._copy_pairs = ([self._copies[self._copied[i].key] for i in keep], [lives[i] for i in keep])
-            self._copy_lives = lives
-        return self._copy_pairs
-
-    @torch.no_grad()
-    def _initialise_from_live(self) -> None:
-        for group in self._groups:
-            self._resolved_plan(group).copy()
-        dsts, srcs = self._copied_pairs()
-        if dsts:
-            torch._foreach_copy_(dsts, srcs)
-
-    # ------------------------------------------------------------------ public API
-    def _check_structure(self) -> None:
-        """Raise naming the FQNs added to or removed from the tracked model paths.
-
-        Called when an owning module's registered-tensor count changed; a change the EMA
-        does not track (a non-persistent buffer, an ignored buffer, a frozen parameter
-        with ``include_frozen=False``) only refreshes the counts.
-        """
-        reshard_fsdp(self.model)
-        now = {t.key for t in collect(self.model, list(self.model_paths), include_frozen=self.include_frozen,
-                                      buffers=self.buffers, group=self.process_group)}
-        before = {t.key for t in self._tracked}
-        if now == before:
-            self._owner_counts = [(m, len(m._parameters), len(m._buffers)) for m, _, _ in self._owner_counts]
-            return
-        changes = [f"added {path_label(p)}:{f}" for p, f in sorted(now - before, key=str)]
-        changes += [f"removed {path_label(p)}:{f}" for p, f in sorted(before - now, key=str)]
-        raise RuntimeError(
-            "the model's parameter set changed since the EMA was created (" + ", ".join(changes) +
-            "); create a new ShardedEMA after changing the model's parameters"
-        )
-
+    # ------------------------------------------------------------------ updating
     def _require_idle(self, what: str) -> None:
-        if self.state is not EMAState.IDLE:
+        if self._state is not EMAState.IDLE:
             raise RuntimeError(f"ema.{what}() was called inside `with ema.swapped(...)`; call it after the block exits")
 
     @torch.no_grad()
@@ -313,60 +191,123 @@ class ShardedEMA:
         in Python floats, so the call neither syncs with the device nor allocates.
         """
         self._require_idle("update")
-        for owner, num_params, num_buffers in self._owner_counts:
-            if len(owner._parameters) != num_params or len(owner._buffers) != num_buffers:
-                self._check_structure()
-                break
-        step = self.step
-        if self.schedule.is_tracking(step):
-            for group in self._groups:
-                self._resolved_plan(group).copy()
-        elif self.schedule.is_update_step(step):
-            weights = [1.0 - self.schedule.decay(f, step) for f in self.target_factors]
-            for group in self._groups:
-                self._resolved_plan(group).lerp(weights)
-        dsts, srcs = self._copied_pairs()
-        if dsts:
-            torch._foreach_copy_(dsts, srcs)
-        self.step = step + 1
+        self._store.check_structure()
+        step, schedule = self._step, self._schedule
+        if schedule.is_tracking(step):
+            self._store.copy_from_live()
+        elif schedule.is_update_step(step):
+            self._store.lerp([1.0 - schedule.decay(f, step) for f in self.target_factors])
+        else:
+            self._store.copy_copied()
+        self._step = step + 1
 
     @torch.no_grad()
     def reset_to_live(self) -> None:
         """Set every shadow to the current live weights (the step counter is kept)."""
         self._require_idle("reset_to_live")
-        self._initialise_from_live()
+        self._store.copy_from_live()
 
     def current_decays(self) -> dict[float, float]:
         """Decay the next ``update()`` applies, per factor: 0 when it copies the live weights
         (before ``start_step``), 1 when ``update_every`` skips it."""
-        if self.schedule.is_tracking(self.step):
+        if self._schedule.is_tracking(self._step):
             return dict.fromkeys(self.target_factors, 0.0)
-        if not self.schedule.is_update_step(self.step):
+        if not self._schedule.is_update_step(self._step):
             return dict.fromkeys(self.target_factors, 1.0)
-        return {f: self.schedule.decay(f, self.step) for f in self.target_factors}
+        return {f: self._schedule.decay(f, self._step) for f in self.target_factors}
 
+    # ------------------------------------------------------------------ swap
+    @contextmanager
     def swapped(self, factor: float, model_paths: Sequence[str | None] | str | None = None, *,
-                scratch_bytes: int | None = None, backup_to_host: bool = False):
+                exchange_buffer_bytes: int | None = None, backup_to_host: bool = False,
+                keep_changes: bool = False, **renamed: Any) -> Iterator[SwapInfo]:
         """Collective context manager: the EMA weights of ``factor`` live in the model inside.
 
+        Every rank of the process group enters together; on exit every rank restores its
+        live weights bit-exact, also when the body raised, and all ranks agree (a rank
+        whose body raised re-raises; the others raise :class:`shardema.SwapAbortedError`).
         Yields a :class:`shardema.SwapInfo` (mode, extra bytes held on this rank).
-        ``scratch_bytes`` bounds the in-place exchange buffer (default 64 MiB);
-        ``backup_to_host`` keeps backups of CUDA shards (when the shadow dtype differs
-        from the live dtype) in pinned host memory. See docs/swap.md.
-        """
-        from ._swap import swap_context
 
-        return swap_context(self, factor, model_paths, scratch_bytes=scratch_bytes, backup_to_host=backup_to_host)
+        Args:
+            factor: one of :attr:`target_factors`.
+            model_paths: swap only these model paths (default: all of the EMA's).
+            exchange_buffer_bytes: bound of the in-place exchange buffer per device
+                (default: the config's ``exchange_buffer_bytes``, 64 MiB).
+            backup_to_host: keep backups of CUDA live shards (needed when the shadow dtype
+                differs from the live dtype) in pinned host memory.
+            keep_changes: make whatever the block writes into the swapped tensors their new
+                EMA values (e.g. ``update_bn`` on the EMA weights). By default buffers written
+                in the block are restored and writes to parameters raise
+                :class:`shardema.SwapWriteError` at exit.
+
+        See docs/swap.md.
+        """
+        if renamed:
+            names = ", ".join(f"{k!r} (now {RENAMED_OPTIONS[k]!r})" if k in RENAMED_OPTIONS else repr(k)
+                              for k in renamed)
+            raise TypeError(f"ema.swapped() got unexpected keyword(s) {names}")
+        k = self.factor_index(factor)
+        factor = self.target_factors[k]
+        targets = self.tracked(model_paths)
+        swapped_paths = self.model_paths if model_paths is None else check_model_paths(model_paths)
+        limit = self.config.exchange_buffer_bytes if exchange_buffer_bytes is None else exchange_buffer_bytes
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"exchange_buffer_bytes={exchange_buffer_bytes!r} must be a positive int (bytes), "
+                             "e.g. 64 * 2**20")
+        if self._state is not EMAState.IDLE:
+            raise RuntimeError(
+                f"`with ema.swapped({factor!r})` was entered while EMA weights are already swapped in; "
+                "nested swaps are not supported: exit the outer `with ema.swapped(...)` block first"
+            )
+        self._state = EMAState.SWAPPED
+        try:
+            with swap_session(self._store, k, factor, targets, swapped_paths, exchange_buffer_bytes=limit,
+                              backup_to_host=backup_to_host, keep_changes=keep_changes,
+                              group=self.process_group) as info:
+                yield info
+        finally:
+            self._state = EMAState.IDLE
+
+    # ------------------------------------------------------------------ loading state
+    def _adopt(self, step: int, schedule: DecaySchedule | None) -> None:
+        """Take a loaded step and schedule; a saved schedule replaces the configured one."""
+        self._step = int(step)
+        if schedule is not None and schedule != self._schedule:
+            logger.warning("the loaded schedule %s replaces the configured %s", schedule, self._schedule)
+            self._schedule = schedule
+
+    @contextmanager
+    def loading(self, what: str = "load") -> Iterator[CheckpointLoad]:
+        """Write access to the shadows for one load, adopted all at once (used by ``checkpoint``).
+
+        The block writes shadows through the yielded :class:`~shardema._store.CheckpointLoad`
+        and calls its ``adopt(step, schedule)`` when every value is in place. At exit: if
+        adopted, the EMA takes the step and schedule; otherwise, when shadows were written
+        (a failed or partial load), or ``reset_to_live()`` was asked, or the block raised
+        after writing, every shadow is reset to the live weights.
+        """
+        self._require_idle(what)
+        load = CheckpointLoad(self._store)
+        try:
+            yield load
+        except BaseException:
+            if load.touched:
+                self._store.copy_from_live()
+            raise
+        if load.adopted is not None:
+            self._adopt(*load.adopted)
+        elif load.touched or load.reset_requested:
+            self._store.copy_from_live()
 
     # ------------------------------------------------------------------ Stateful
-    def _dtensor_or_local(self, t: LiveTensor, local: torch.Tensor) -> torch.Tensor:
+    def _dtensor_or_local(self, t: TrackedTensor, local: torch.Tensor) -> torch.Tensor:
         if t.mesh is None:
             return local
         stride = _contiguous_stride(t.global_shape)
         return DTensor.from_local(local, t.mesh, t.placements, run_check=False,
                                   shape=torch.Size(t.global_shape), stride=stride)
 
-    def state_key(self, factor: float, t: LiveTensor) -> str:
+    def state_key(self, factor: float, t: TrackedTensor) -> str:
         """Flat state-dict key of one tensor: ``ema=<factor>/<model path>/<fqn>``."""
         return f"ema={factor!r}/{path_label(t.model_path)}/{t.fqn}"
 
@@ -376,34 +317,38 @@ class ShardedEMA:
         Values are live views of the shadows, so ``torch.distributed.checkpoint.load``
         restores in place. DTensors carry the global shape and stride (uneven shards).
         """
-        state: dict = {"step": self.step, "schedule": self.schedule.model_dump_json(),
+        state: dict = {"step": self._step, "schedule": self._schedule.model_dump_json(),
                        "target_factors": list(self.target_factors)}
-        for factor in self.target_factors:
-            for t in self._tracked:
-                state[self.state_key(factor, t)] = self._dtensor_or_local(t, self.shadow(factor, t.key))
+        for k, factor in enumerate(self.target_factors):
+            for t in self._store.tracked():
+                state[self.state_key(factor, t)] = self._dtensor_or_local(t, self._store.shadow(k, t.key))
         return state
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
-        """Load a :meth:`state_dict` (also full, unsharded tensors: this rank's slice is taken)."""
+        """Load a :meth:`state_dict` (also full, unsharded tensors: this rank's slice is taken).
+
+        With ``strict=True`` nothing changes unless every key matches.
+        """
         self._require_idle("load_state_dict")
         missing, shape_errors, copies = [], [], []
-        for factor in self.target_factors:
-            for t in self._tracked:
+        tracked = self._store.tracked()
+        for k, factor in enumerate(self.target_factors):
+            for t in tracked:
                 key = self.state_key(factor, t)
                 if key not in state_dict:
                     missing.append(key)
                     continue
                 value = state_dict[key]
-                target = self.shadow(factor, t.key)
+                target = self._store.shadow(k, t.key)
                 if isinstance(value, DTensor):
                     if tuple(value.shape) != t.global_shape:
                         shape_errors.append(f"{key}: shape {tuple(value.shape)} != {t.global_shape}")
                         continue
-                    if value._local_tensor is target:
+                    if local_tensor(value) is target:
                         continue  # loaded in place (torch.distributed.checkpoint)
                     if t.placements is not None and tuple(value.placements) == t.placements:
-                        value = value._local_tensor
+                        value = local_tensor(value)
                     else:
                         value = value.full_tensor()
                 if tuple(value.shape) == t.global_shape and t.global_shape != t.local_shape:
@@ -413,20 +358,17 @@ class ShardedEMA:
                     continue
                 if value is not target:
                     copies.append((target, value))
-        expected = {self.state_key(f, t) for f in self.target_factors for t in self._tracked}
+        expected = {self.state_key(f, t) for f in self.target_factors for t in tracked}
         unexpected = [k for k in state_dict if k.startswith("ema=") and k not in expected]
         problems = [f"missing key {k}" for k in missing] + [f"unexpected key {k}" for k in unexpected] + shape_errors
         if problems and strict:  # nothing was changed
             raise RuntimeError("EMA state dict does not match this EMA:\n  " + "\n  ".join(problems))
+        schedule = None
+        if "schedule" in state_dict:
+            schedule = DecaySchedule.model_validate_json(state_dict["schedule"])
         for target, value in copies:
             target.copy_(value)
-        if "step" in state_dict:
-            self.step = int(state_dict["step"])
-        if "schedule" in state_dict:
-            saved = DecaySchedule.model_validate_json(state_dict["schedule"])
-            if saved != self.schedule:
-                logger.warning("loaded schedule %s replaces the configured %s", saved, self.schedule)
-                self.schedule = saved
+        self._adopt(int(state_dict.get("step", self._step)), schedule)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, root, tag: str = "latest") -> str:
@@ -438,7 +380,6 @@ class ShardedEMA:
 
     def resume(self, root, strict: bool = False) -> str | None:
         """Collective: load ``cp=latest``, else ``cp=last``; else keep the live init (None)."""
-        self._require_idle("resume")
         from .checkpoint import resume_ema
 
         return resume_ema(self, root, strict=strict)
@@ -452,7 +393,7 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _slice_global(value: torch.Tensor, t: LiveTensor) -> torch.Tensor:
+def _slice_global(value: torch.Tensor, t: TrackedTensor) -> torch.Tensor:
     for dim, (start, size) in enumerate(zip(t.global_offset, t.local_shape)):
         value = value.narrow(dim, start, size)
     return value

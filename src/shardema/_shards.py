@@ -1,10 +1,11 @@
-"""Find the live tensors of each model path and describe this rank's piece of each.
+"""Find the tracked tensors of each model path and describe this rank's piece of each.
 
 [Note: live tensors are re-resolved]
 FSDP2 swaps a module's registered parameters between the sharded DTensor and an
 unsharded plain Parameter, and may replace a DTensor's local tensor. So a
-:class:`LiveTensor` never holds the tensor itself: it holds the owning module and
-attribute name, and :meth:`LiveTensor.local` fetches the current local piece.
+:class:`TrackedTensor` describes a tensor by its owning module and attribute name
+(plus shapes and placement) and does not keep a reference to it:
+:meth:`TrackedTensor.local` fetches the current local piece on every call.
 """
 
 from __future__ import annotations
@@ -12,22 +13,47 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-try:  # torch >= 2.4 public location
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - older torch
-    from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore
-
 from . import _dist
+from ._compat import (
+    DTensor,
+    FSDPModule,
+    Replicate,
+    Shard,
+    compiled_inner_module,
+    compute_local_shape_and_global_offset,
+    local_tensor,
+    module_buffers,
+    module_children,
+    module_parameters,
+    non_persistent_buffer_names,
+)
+from .config import BufferPolicy, check_model_paths
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 # Wrappers that insert a path component without changing what the user means.
 _WRAPPER_PARTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 
-BufferPolicy = Literal["copy", "average", "ignore"]
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Reshard every FSDP2 module under ``model`` so parameters are sharded DTensors again.
+
+    After a forward with ``reshard_after_forward=False`` (or an eval forward of the root),
+    FSDP2 leaves unsharded plain Parameters registered. ``reshard()`` is local (no
+    communication) and a no-op for modules that are already sharded.
+    """
+    if FSDPModule is None:  # pragma: no cover - builds without distributed support
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
@@ -37,10 +63,11 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (DistributedDataParallel, DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
         else:
-            return model
+            inner = compiled_inner_module(model)  # torch.compile's OptimizedModule
+            if inner is None:
+                return model
+            model = inner
 
 
 def clean_fqn(name: str) -> str:
@@ -53,16 +80,13 @@ def path_label(model_path: str | None) -> str:
     return "model" if model_path is None else model_path
 
 
-def _local_shape_and_offset(global_shape, mesh, placements):
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(global_shape, mesh, placements)
-    return tuple(int(s) for s in shape), tuple(int(o) for o in offset)
-
-
 @dataclass
-class LiveTensor:
-    """One tracked parameter or buffer of a model path, as seen by this rank."""
+class TrackedTensor:
+    """One tracked parameter or buffer of a model path, as seen by this rank.
+
+    It names the tensor (owner module + attribute) and describes this rank's piece;
+    :meth:`local` fetches the tensor itself (see the re-resolution note).
+    """
 
     model_path: str | None
     fqn: str  # relative to the model path, wrapper parts removed
@@ -74,9 +98,10 @@ class LiveTensor:
     global_shape: tuple[int, ...]
     local_shape: tuple[int, ...]
     global_offset: tuple[int, ...]
-    mesh: object | None  # DeviceMesh for DTensors
+    mesh: DeviceMesh | None  # set for DTensors
     placements: tuple | None
     writes_checkpoint: bool  # False on ranks that hold a duplicate replica of this piece
+    blended: bool  # averaged (floating parameters; float buffers under "average"); else copied
     aliases: list[str] = field(default_factory=list)  # other FQNs of the same tensor (tied weights)
 
     @property
@@ -96,7 +121,7 @@ class LiveTensor:
 
     def current(self) -> torch.Tensor | None:
         """The tensor registered on the owner now (DTensor, Parameter or buffer), or None."""
-        table = self.owner._buffers if self.is_buffer else self.owner._parameters
+        table = module_buffers(self.owner) if self.is_buffer else module_parameters(self.owner)
         return table.get(self.attr)
 
     def local(self) -> torch.Tensor:
@@ -109,12 +134,27 @@ class LiveTensor:
                 "after changing the model's parameters"
             )
         if isinstance(value, DTensor):
-            return value._local_tensor
+            return local_tensor(value)
         return value
 
 
-def describe(model_path, fqn, owner, attr, value, is_buffer, group) -> LiveTensor:
-    """Build the :class:`LiveTensor` of one registered tensor."""
+def _blends(value: torch.Tensor, is_buffer: bool, buffers: BufferPolicy) -> bool:
+    return value.dtype.is_floating_point and (not is_buffer or buffers == "average")
+
+
+def describe(model_path: str | None, fqn: str, owner: nn.Module, attr: str, value: torch.Tensor, is_buffer: bool,
+             buffers: BufferPolicy, group=None) -> TrackedTensor:
+    """Build the :class:`TrackedTensor` of one registered tensor; refuse what cannot be averaged."""
+    local = local_tensor(value) if isinstance(value, DTensor) else value
+    if local.device.type == "meta":
+        raise ValueError(f"{fqn!r} (model path {path_label(model_path)!r}) is on the meta device: the model has no "
+                         "values yet; materialise it first (model.to_empty(device=...) and initialise the weights), "
+                         "then create the ShardedEMA")
+    if value.dtype.is_complex:
+        raise NotImplementedError(f"{fqn!r} (model path {path_label(model_path)!r}) is complex ({value.dtype}); "
+                                  "shardema averages real tensors only: register it as a real view "
+                                  "(torch.view_as_real) or leave its module out of model_paths")
+    blended = _blends(value, is_buffer, buffers)
     if isinstance(value, DTensor):
         placements = tuple(value.placements)
         for placement in placements:
@@ -125,21 +165,21 @@ def describe(model_path, fqn, owner, attr, value, is_buffer, group) -> LiveTenso
                 )
         mesh = value.device_mesh
         global_shape = tuple(value.shape)
-        local_shape, offset = _local_shape_and_offset(value.shape, mesh, placements)
-        actual = tuple(value._local_tensor.shape)
+        local_shape, offset = compute_local_shape_and_global_offset(tuple(value.shape), mesh, placements)
+        actual = tuple(local_tensor(value).shape)
         if actual != local_shape:
             raise AssertionError(f"{fqn!r}: local shape {actual} != expected {local_shape} for {placements}")
-        coordinate = mesh.get_coordinate() or []
+        coordinate = list(mesh.get_coordinate() or ())
         writes = all(
             coordinate[dim] == 0 for dim, p in enumerate(placements) if isinstance(p, Replicate)
         )
         # A rank holding an empty piece has nothing to write.
         writes = writes and math.prod(local_shape) > 0
-        return LiveTensor(model_path, fqn, owner, attr, is_buffer, value.dtype, value._local_tensor.device,
-                          global_shape, local_shape, offset, mesh, placements, writes)
+        return TrackedTensor(model_path, fqn, owner, attr, is_buffer, value.dtype, local_tensor(value).device,
+                             global_shape, local_shape, offset, mesh, placements, writes, blended)
     shape = tuple(value.shape)
-    return LiveTensor(model_path, fqn, owner, attr, is_buffer, value.dtype, value.device, shape, shape,
-                      (0,) * len(shape), None, None, _dist.rank(group) == 0)
+    return TrackedTensor(model_path, fqn, owner, attr, is_buffer, value.dtype, value.device, shape, shape,
+                         (0,) * len(shape), None, None, _dist.rank(group) == 0, blended)
 
 
 def _named_modules(root: nn.Module) -> dict[str, nn.Module]:
@@ -175,37 +215,53 @@ def resolve_model_path(model: nn.Module, model_path: str | None) -> nn.Module:
     )
 
 
-def check_model_paths(model_paths: Sequence[str | None] | None) -> list[str | None]:
-    """Validate the list of model paths: no duplicates, no path inside another."""
-    if model_paths is None:
-        return [None]
-    if isinstance(model_paths, str):
-        model_paths = [model_paths]
-    paths = list(model_paths)
-    if not paths:
-        raise ValueError("model_paths is empty; pass None to average the whole model")
-    for path in paths:
-        if path is not None and (not isinstance(path, str) or not path or path != path.strip(".")
-                                 or ".." in path or " " in path):
-            raise ValueError(f"model path {path!r} is not a dotted submodule path such as 'encoder' or 'blocks.0'")
-    for i, a in enumerate(paths):
-        for b in paths[i + 1:]:
-            if a is None or b is None or a == b or clean_fqn(b).startswith(clean_fqn(a) + ".") \
-                    or clean_fqn(a).startswith(clean_fqn(b) + "."):
-                shown_a = "None (the whole model)" if a is None else repr(a)
-                shown_b = "None (the whole model)" if b is None else repr(b)
-                raise ValueError(
-                    f"model paths {shown_a} and {shown_b} overlap; give disjoint submodules "
-                    "(e.g. 'encoder' and 'decoder'), each parameter may belong to one path only"
-                )
-    return paths
+ModuleEdge = tuple[nn.Module, str, nn.Module, str]
+"""``(parent, attribute name, child, dotted path of the child)``."""
 
 
-def collect(model: nn.Module, model_paths: list[str | None], *, include_frozen: bool,
-            buffers: BufferPolicy, group=None) -> list[LiveTensor]:
+def module_edges(model: nn.Module, owners: Sequence[nn.Module]) -> list[ModuleEdge]:
+    """Every ``(parent, name, child, path)`` registration on the way from ``model`` down to each of ``owners``.
+
+    ``parent._modules[name] is child`` for all of them as long as no submodule on the
+    way was replaced; ``update()`` checks that cheaply (see ``_store``).
+    """
+    root = unwrap_ddp(model)
+    wanted = {id(m) for m in owners}
+    edges: list[ModuleEdge] = []
+    seen: set[tuple[int, str]] = set()
+
+    def walk(module: nn.Module, trail: list[ModuleEdge]) -> None:
+        if id(module) in wanted:
+            for edge in trail:
+                if (id(edge[0]), edge[1]) not in seen:
+                    seen.add((id(edge[0]), edge[1]))
+                    edges.append(edge)
+        for name, child in module_children(module).items():
+            if child is not None and all(child is not e[2] for e in trail):
+                path = f"{trail[-1][3]}.{name}" if trail else name
+                walk(child, [*trail, (module, name, child, clean_fqn(path) or path)])
+
+    walk(root, [])
+    return edges
+
+
+def frozen_parameters(model: nn.Module, model_paths: Sequence[str | None]
+                      ) -> list[tuple[str | None, str, nn.Parameter]]:
+    """``(model path, fqn, parameter)`` of every parameter with ``requires_grad=False`` in the model paths."""
+    found = []
+    for model_path in model_paths:
+        root = resolve_model_path(model, model_path)
+        for name, param in root.named_parameters():
+            if not param.requires_grad:
+                found.append((model_path, clean_fqn(name), param))
+    return found
+
+
+def collect(model: nn.Module, model_paths: Sequence[str | None], *, include_frozen: bool,
+            buffers: BufferPolicy, group=None) -> list[TrackedTensor]:
     """Describe every tracked parameter (and buffer, unless ignored) of every model path."""
-    tracked: list[LiveTensor] = []
-    seen: dict[int, LiveTensor | None] = {}  # id -> its LiveTensor (None: seen, not tracked)
+    tracked: list[TrackedTensor] = []
+    seen: dict[int, TrackedTensor | None] = {}  # id -> its TrackedTensor (None: seen, not tracked)
 
     def first_sight(value, model_path, fqn) -> bool:
         if id(value) not in seen:
@@ -219,23 +275,23 @@ def collect(model: nn.Module, model_paths: list[str | None], *, include_frozen: 
         root = resolve_model_path(model, model_path)
         count_before = len(tracked)
         for module_name, module in root.named_modules(remove_duplicate=False):
-            for attr, value in module._parameters.items():
+            for attr, param in module_parameters(module).items():
                 fqn = clean_fqn(f"{module_name}.{attr}" if module_name else attr)
-                if value is None or not first_sight(value, model_path, fqn):
+                if param is None or not first_sight(param, model_path, fqn):
                     continue
-                seen[id(value)] = None
-                if not include_frozen and not value.requires_grad:
+                seen[id(param)] = None
+                if not include_frozen and not param.requires_grad:
                     continue
-                tracked.append(describe(model_path, fqn, module, attr, value, False, group))
-                seen[id(value)] = tracked[-1]
+                tracked.append(describe(model_path, fqn, module, attr, param, False, buffers, group))
+                seen[id(param)] = tracked[-1]
             if buffers == "ignore":
                 continue
-            for attr, value in module._buffers.items():
+            non_persistent = non_persistent_buffer_names(module)
+            for attr, value in module_buffers(module).items():
                 fqn = clean_fqn(f"{module_name}.{attr}" if module_name else attr)
-                if value is None or attr in module._non_persistent_buffers_set or \
-                        not first_sight(value, model_path, fqn):
+                if value is None or attr in non_persistent or not first_sight(value, model_path, fqn):
                     continue
-                tracked.append(describe(model_path, fqn, module, attr, value, True, group))
+                tracked.append(describe(model_path, fqn, module, attr, value, True, buffers, group))
                 seen[id(value)] = tracked[-1]
         if not any(not t.is_buffer for t in tracked[count_before:]):
             raise ValueError(
@@ -243,3 +299,8 @@ def collect(model: nn.Module, model_paths: list[str | None], *, include_frozen: 
                 + ("" if include_frozen else " (all are frozen; pass include_frozen=True to average them)")
             )
     return tracked
+
+
+def registration_counts(module: nn.Module) -> tuple[int, int]:
+    """(number of parameters, number of buffers) registered directly on ``module``."""
+    return len(module_parameters(module)), len(module_buffers(module))

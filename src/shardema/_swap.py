@@ -9,7 +9,7 @@ after the swap-in and one at exit:
    mark the EMA ``SWAPPED``.
 2. (every rank, local) reshard FSDP2 modules so parameters are sharded DTensors
    again, then re-resolve the live local tensors.
-3. (every rank, local) allocate the swap memory (scratch buffer and backups), then
+3. (every rank, local) allocate the swap memory (exchange buffer and backups), then
    put the EMA values into the live local shards.
 4. (every rank, collective) entry agreement: one all-reduce of a ``world_size`` flag
    vector says whether step 3 failed anywhere; if so no rank runs the body (its
@@ -23,11 +23,23 @@ after the swap-in and one at exit:
 
 [Note: in-place exchange]
 When a shadow has the live tensor's dtype, live and shadow values are exchanged
-through one bounded scratch buffer, batch by batch (scratch <- live, live <- shadow,
-shadow <- scratch). The same exchange at exit gives both sides their values back,
+through one bounded exchange buffer, batch by batch (buffer <- live, live <- shadow,
+shadow <- buffer). The same exchange at exit gives both sides their values back,
 bit-exact, so no full backup of the model ever exists. Otherwise (e.g. bf16 live,
 fp32 shadow) the live local shards are backed up first, optionally into pinned
 host memory, the shadow is copied in with a cast, and the backup is copied back.
+Buffers always take this backup path (they are small).
+
+[Note: writes in the body]
+The swap records every swapped live tensor's version counter right after the swap-in
+and compares it at exit (host metadata: no memory, no device sync). Buffers written
+by the body (a train-mode forward updates BatchNorm running stats) are simply
+restored: their EMA is untouched. Parameters written by the body (an optimizer step,
+``p.mul_()``) make the swap raise :class:`SwapWriteError` after the live weights are
+restored; an exchanged parameter's EMA then holds the written values (the exchange
+keeps no copy), a backed-up one's writes are discarded. With ``keep_changes=True``
+every written value becomes the EMA value of that tensor: the way to recompute
+BatchNorm statistics for the EMA weights (``torch.optim.swa_utils.update_bn``).
 """
 
 from __future__ import annotations
@@ -35,20 +47,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
 from . import _dist
+from ._compat import version_counter
 from ._log import logger
-from ._shards import check_model_paths
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ._ema import ShardedEMA
-    from ._shards import LiveTensor
-
-DEFAULT_SCRATCH_BYTES = 64 * 2**20
-"""Default bound of the in-place exchange's scratch buffer (per device)."""
+from ._shards import TrackedTensor, path_label
+from ._store import ShadowStore
 
 SwapMode = Literal["in_place", "backup", "mixed"]
 
@@ -75,6 +82,22 @@ class SwapAbortedError(RuntimeError):
         return (type(self), (self.factor, self.failed_ranks))
 
 
+class SwapWriteError(RuntimeError):
+    """Raised at the exit of ``ema.swapped()`` when the block wrote to swapped parameters.
+
+    Raised after the live weights were restored. ``fqns`` names the written tensors.
+    Pass ``keep_changes=True`` to make such writes the new EMA values on purpose (for
+    example ``torch.optim.swa_utils.update_bn`` on the EMA weights).
+    """
+
+    def __init__(self, message: str, fqns: Sequence[str] = ()):
+        super().__init__(message)
+        self.fqns = tuple(fqns)
+
+    def __reduce__(self):  # picklable across processes despite the custom signature
+        return (type(self), (str(self), self.fqns))
+
+
 @dataclass(frozen=True)
 class SwapInfo:
     """What a swap did on this rank; yielded by ``with ema.swapped(...) as info``.
@@ -82,10 +105,10 @@ class SwapInfo:
     Attributes:
         factor: the EMA factor swapped in.
         model_paths: the model paths swapped (``None`` = the whole model).
-        mode: ``"in_place"`` (every tensor exchanged through the scratch buffer),
+        mode: ``"in_place"`` (every tensor exchanged through the exchange buffer),
             ``"backup"`` (every tensor backed up) or ``"mixed"``.
         num_tensors: local tensors swapped on this rank (empty pieces excluded).
-        scratch_bytes: bytes of the exchange scratch buffers on this rank.
+        exchange_buffer_bytes: bytes of the in-place exchange buffers on this rank.
         backup_bytes: bytes of the live backups on this rank.
         backup_on_host: True when the backups live in pinned host memory.
     """
@@ -94,14 +117,14 @@ class SwapInfo:
     model_paths: tuple[str | None, ...]
     mode: SwapMode
     num_tensors: int
-    scratch_bytes: int
+    exchange_buffer_bytes: int
     backup_bytes: int
     backup_on_host: bool
 
     @property
     def extra_bytes(self) -> int:
-        """Memory the swap holds on this rank from entry to exit (scratch + backups)."""
-        return self.scratch_bytes + self.backup_bytes
+        """Memory the swap holds on this rank from entry to exit (exchange buffers + backups)."""
+        return self.exchange_buffer_bytes + self.backup_bytes
 
 
 # An exchange segment: (pair index, start, length, offset in the scratch view).
@@ -115,14 +138,17 @@ class _Swap:
     local tensor during the body: :meth:`restore` re-resolves every live tensor.
     """
 
-    def __init__(self, ema: ShardedEMA, k: int, targets: list[LiveTensor], scratch_limit: int,
+    def __init__(self, store: ShadowStore, k: int, targets: list[TrackedTensor], scratch_limit: int,
                  backup_to_host: bool):
-        self.ema = ema
+        self.store = store
         self.targets = [t for t in targets if t.local_numel > 0]
-        self.shadows = [ema.shadow(k, t.key) for t in self.targets]
+        self.shadows = [store.shadow(k, t.key) for t in self.targets]
         self._entry_lives = lives = self._resolve()
-        exchange = [i for i, (live, shadow) in enumerate(zip(lives, self.shadows))
-                    if live.dtype == shadow.dtype and live.is_contiguous() and shadow.is_contiguous()]
+        # Buffers are always backed up (they are small), so that a train-mode forward in the
+        # body (BatchNorm running stats) never reaches their EMA: see [Note: writes in the body].
+        exchange = [i for i, (t, live, shadow) in enumerate(zip(self.targets, lives, self.shadows))
+                    if not t.is_buffer and live.dtype == shadow.dtype and live.is_contiguous()
+                    and shadow.is_contiguous()]
         chosen = set(exchange)
         self.backed = [i for i in range(len(self.targets)) if i not in chosen]
         budget = self._scratch_budget(lives, exchange, scratch_limit)
@@ -132,15 +158,12 @@ class _Swap:
         self.backups, self.on_host = self._allocate_backups(lives, backup_to_host)
         self.batches_done = 0  # exchanged batches to exchange back
         self.live_overwritten = False  # backed-up tensors to copy back
+        self.swapped_lives: list[torch.Tensor] = []  # the live tensors the EMA values were put into
+        self.swapped_versions: list[int] = []  # their version counters right after the swap-in
 
     # ------------------------------------------------------------------ planning
     def _resolve(self) -> list[torch.Tensor]:
-        from ._ema import reshard_fsdp
-
-        reshard_fsdp(self.ema.model)
-        lives = [t.local() for t in self.targets]
-        self.ema._check_live(self.targets, lives)
-        return lives
+        return self.store.resolve_lives(self.targets)
 
     @staticmethod
     def _scratch_budget(lives, exchange, scratch_limit) -> dict[torch.device, int]:
@@ -200,16 +223,18 @@ class _Swap:
         return views, on_host
 
     def info(self, factor: float, model_paths: tuple[str | None, ...]) -> SwapInfo:
-        """The :class:`SwapInfo` of this swap."""
-        if not self.backed:
+        """The :class:`SwapInfo` of this swap (the mode speaks of parameters; buffers are always backed up)."""
+        backed_params = [i for i in self.backed if not self.targets[i].is_buffer]
+        num_params = sum(not t.is_buffer for t in self.targets)
+        if not backed_params:
             mode: SwapMode = "in_place"
-        elif len(self.backed) == len(self.targets):
+        elif len(backed_params) == num_params:
             mode = "backup"
         else:
             mode = "mixed"
         return SwapInfo(
             factor=factor, model_paths=model_paths, mode=mode, num_tensors=len(self.targets),
-            scratch_bytes=sum(s.numel() for s in self.scratch.values()),
+            exchange_buffer_bytes=sum(s.numel() for s in self.scratch.values()),
             backup_bytes=sum(b.numel() * b.element_size() for b in self.backups.values()),
             backup_on_host=self.on_host,
         )
@@ -252,11 +277,31 @@ class _Swap:
         for batch in self.batches:
             self._exchange(lives, batch)
             self.batches_done += 1
+        self.swapped_lives = lives
+        self.swapped_versions = [version_counter(live) for live in lives]
+
+    def written(self, lives: list[torch.Tensor]) -> list[int]:
+        """Indices of the swapped tensors the body wrote to (their version counter moved).
+
+        A live tensor that FSDP2 replaced by another object during the body is not
+        compared (its new object has its own counter).
+        """
+        return [i for i, (live, before) in enumerate(zip(self.swapped_lives, self.swapped_versions))
+                if i < len(lives) and lives[i] is live and version_counter(live) != before]
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Give the live shards (and the exchanged shadows) their values back (step 5)."""
+    def restore(self, keep_changes: bool = False) -> list[int]:
+        """Give the live shards (and the exchanged shadows) their values back (step 5).
+
+        Returns the indices of the tensors the body wrote to. With ``keep_changes`` the
+        written values of backed-up tensors become their EMA values (exchanged tensors
+        hand theirs back to the shadow by the exchange itself).
+        """
         lives = self._resolve()
+        written = self.written(lives) if self.swapped_lives else []
+        if keep_changes and written:
+            kept = [i for i in written if i in set(self.backed)]
+            self._copy([self.shadows[i] for i in kept], [lives[i] for i in kept], False)
         for batch in self.batches[:self.batches_done]:
             self._exchange(lives, batch)
         self.batches_done = 0
@@ -264,81 +309,74 @@ class _Swap:
             backed = self.backed
             self._copy([lives[i] for i in backed], [self.backups[i] for i in backed], self.on_host)
         self.live_overwritten = False
+        self.swapped_lives, self.swapped_versions = [], []
+        return written
+
+    def write_error(self, written: list[int], factor: float) -> SwapWriteError | None:
+        """The error for parameters written inside the block (buffers are restored, not reported)."""
+        params = [i for i in written if not self.targets[i].is_buffer]
+        if not params:
+            return None
+        exchanged = [i for i in params if i not in set(self.backed)]
+        names = [f"{path_label(self.targets[i].model_path)}:{self.targets[i].fqn}" for i in params]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        fate = ("their EMA now holds the values written in the block (the in-place exchange keeps no copy)"
+                if exchanged else "those writes were discarded and the EMA is unchanged")
+        return SwapWriteError(
+            f"the body of `with ema.swapped({factor!r})` wrote to swapped parameter(s) {shown}; the live weights "
+            f"were restored, and {fate}. Evaluate without writing (no optimizer step, no in-place ops on "
+            "parameters), or pass keep_changes=True to make the written values the EMA on purpose",
+            [self.targets[i].fqn for i in params])
 
 
 @contextmanager
-def swap_context(ema: ShardedEMA, factor: float, model_paths: Sequence[str | None] | str | None = None, *,
-                 scratch_bytes: int | None = None, backup_to_host: bool = False) -> Iterator[SwapInfo]:
-    """Collective: the EMA weights of ``factor`` live in ``ema.model`` inside the block.
+def swap_session(store: ShadowStore, k: int, factor: float, targets: list[TrackedTensor],
+                 swapped_paths: tuple[str | None, ...], *, exchange_buffer_bytes: int, backup_to_host: bool,
+                 keep_changes: bool = False, group=None) -> Iterator[SwapInfo]:
+    """Collective: the shadows of factor index ``k`` live in the model inside the block.
 
-    Every rank of ``ema.process_group`` must enter. On exit every rank restores its
-    live weights bit-exact, also when the body raised, then all ranks agree with one
-    small all-reduce: a rank whose body raised re-raises its exception, the others
-    raise :class:`SwapAbortedError`. See the swap-protocol note of this module and
-    docs/swap.md.
-
-    Args:
-        ema: the :class:`~shardema.ShardedEMA`.
-        factor: one of ``ema.target_factors``.
-        model_paths: swap only these model paths (default: all of the EMA's).
-        scratch_bytes: bound of the in-place exchange buffer per device
-            (default :data:`DEFAULT_SCRATCH_BYTES`, 64 MiB).
-        backup_to_host: keep backups of CUDA live shards (needed when the shadow
-            dtype differs from the live dtype) in pinned host memory.
+    Runs steps 2-6 of the swap protocol (see this module's note); the caller
+    (:meth:`shardema.ShardedEMA.swapped`) validates the arguments and owns the EMA's
+    state (step 1). Every rank of ``group`` must enter. On exit every rank restores
+    its live weights bit-exact, also when the body raised, then all ranks agree with
+    one small all-reduce: a rank whose body raised re-raises its exception, the
+    others raise :class:`SwapAbortedError`.
 
     Yields:
         a :class:`SwapInfo` with the mode and the extra bytes held on this rank.
     """
-    from ._ema import EMAState
-
-    k = ema.factor_index(factor)
-    factor = ema.target_factors[k]
-    targets = ema.tracked(model_paths)
-    swapped_paths = ema.model_paths if model_paths is None else tuple(check_model_paths(model_paths))
-    limit = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"scratch_bytes={scratch_bytes!r} must be a positive int (bytes), e.g. 64 * 2**20")
-    if ema.state is not EMAState.IDLE:
-        raise RuntimeError(
-            f"`with ema.swapped({factor!r})` was entered while EMA weights are already swapped in; "
-            "nested swaps are not supported: exit the outer `with ema.swapped(...)` block first"
-        )
-
-    ema.state = EMAState.SWAPPED
     failure: BaseException | None = None
-    group = ema.process_group
     failed: list[int] = []
     body_ran = False
+    swap = None
     try:
-        swap = None
+        swap = _Swap(store, k, targets, exchange_buffer_bytes, backup_to_host)
+        info = swap.info(factor, swapped_paths)
+        swap.swap_in()
+        logger.debug("swapped in EMA factor %r: %s", factor, info)
+    except BaseException as exc:
+        failure = exc
+    try:
+        # Entry agreement: if any rank could not swap in, no rank runs the body, whose
+        # collectives (FSDP2 all-gathers) the failed rank would never join.
+        failed = _dist.failed_ranks(failure is not None, group)
+    except BaseException as exc:
+        failure = failure or exc
+    if failure is None and not failed:
+        body_ran = True
         try:
-            swap = _Swap(ema, k, targets, limit, backup_to_host)
-            info = swap.info(factor, swapped_paths)
-            swap.swap_in()
-            logger.debug("swapped in EMA factor %r at step %d: %s", factor, ema.step, info)
-        except BaseException as exc:
+            yield info
+        except BaseException as exc:  # GeneratorExit too: restore, agree, re-raise
             failure = exc
+    if swap is not None:
         try:
-            # Entry agreement: if any rank could not swap in, no rank runs the body, whose
-            # collectives (FSDP2 all-gathers) the failed rank would never join.
-            failed = _dist.failed_ranks(failure is not None, group)
+            written = swap.restore(keep_changes)
+            if not keep_changes and failure is None:
+                failure = swap.write_error(written, factor)
         except BaseException as exc:
-            failure = failure or exc
-        if failure is None and not failed:
-            body_ran = True
-            try:
-                yield info
-            except BaseException as exc:  # GeneratorExit too: restore, agree, re-raise
+            logger.error("restoring the live weights after the swap of factor %r failed: %r", factor, exc)
+            if failure is None:
                 failure = exc
-        if swap is not None:
-            try:
-                swap.restore()
-            except BaseException as exc:
-                logger.error("restoring the live weights after the swap of factor %r failed: %r", factor, exc)
-                if failure is None:
-                    failure = exc
-    finally:
-        ema.state = EMAState.IDLE
 
     if body_ran:
         try:

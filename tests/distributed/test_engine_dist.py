@@ -157,7 +157,7 @@ def tensor_parallel_ddp_bf16_and_partial():
     torch.manual_seed(0)
     model = _mlp().bfloat16()
     fully_shard(model)
-    ema = ShardedEMA(model, FACTORS, upcast_scratch_bytes=32)
+    ema = ShardedEMA(model, FACTORS, upcast_buffer_bytes=32)
     assert all(ema.shadow(f, t.key).dtype == torch.float32 for f in FACTORS for t in ema.tracked())
     reference = {f: {n: _full(p).double() for n, p in model.named_parameters()} for f in FACTORS}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

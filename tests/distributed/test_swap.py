@@ -131,7 +131,6 @@ def _unsharded_left(model) -> bool:
 def _check_swap(model, ema, ref, factor, x, *, atol=1e-5, model_paths=None, names=None, make=_net,
                 expect_unsharded=False, **options):
     """Forward inside the swap == reference twin; forward and state after it == before, bit-exact."""
-    from shardema._swap import swap_context
 
     live_full = _full_params(model)
     before = _local_state(ema)
@@ -139,7 +138,7 @@ def _check_swap(model, ema, ref, factor, x, *, atol=1e-5, model_paths=None, name
         live_out = model(x)  # an eval forward: FSDP2 may leave unsharded parameters registered
         if expect_unsharded:
             assert _unsharded_left(model), "the test meant to start the swap from unsharded params"
-        with swap_context(ema, factor, model_paths, **options) as info:
+        with ema.swapped(factor, model_paths, **options) as info:
             inside = model(x)
         expected = ref.forward(factor, x, make=make, names=names, live=live_full)
         torch.testing.assert_close(inside.double(), expected, rtol=0, atol=atol)
@@ -189,9 +188,9 @@ def parity_on_two_ranks():
     _assert_restored(ema, before)
     _train(model, ema, ref, steps=3)
     info = _check_swap(model, ema, ref, 0.9, x, expect_unsharded=True)
-    out["fsdp"] = (info.mode, info.scratch_bytes, info.num_tensors)
-    info = _check_swap(model, ema, ref, 0.99, x, scratch_bytes=8)  # 2 fp32 elements per batch
-    out["fsdp_tiny_scratch"] = info.scratch_bytes
+    out["fsdp"] = (info.mode, info.exchange_buffer_bytes, info.num_tensors)
+    info = _check_swap(model, ema, ref, 0.99, x, exchange_buffer_bytes=8)  # 2 fp32 elements per batch
+    out["fsdp_tiny_scratch"] = info.exchange_buffer_bytes
 
     # FSDP2 with reshard_after_forward=False, two model paths, only "head" swapped.
     model = _net()
@@ -229,7 +228,7 @@ def parity_on_two_ranks():
     ema = ShardedEMA(model, FACTORS)
     ref = Reference(model)
     _train(model, ema, ref, steps=3)
-    out["tp"] = _check_swap(model, ema, ref, 0.99, x, make=make_tp, scratch_bytes=12).mode
+    out["tp"] = _check_swap(model, ema, ref, 0.99, x, make=make_tp, exchange_buffer_bytes=12).mode
     out["rank"] = rank
     return out
 

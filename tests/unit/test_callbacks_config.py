@@ -39,7 +39,7 @@ def test_the_seed_example_loads_with_our_kind():
     assert config.kind == "EmaCallback" and config.name == "EmaCallback"
     assert config.every_n_epochs == 10 and config.every_n_updates is None and config.every_n_samples is None
     assert (config.save_weights, config.save_last_weights, config.save_latest_weights) == (False, False, True)
-    assert config.target_factors == [0.9999]
+    assert config.target_factors == (0.9999,)
     (child,) = config.eval_callbacks
     assert isinstance(child, OfflineLossCallbackConfig)
     assert (child.kind, child.every_n_epochs, child.dataset_key) == ("OfflineLossCallback", 1, "val")
@@ -120,15 +120,15 @@ _MALFORMED = [
     ({**_VALID_EMA, "target_factors": []}, ("target_factors",)),
     ({**_VALID_EMA, "target_factors": [1.5]}, ("target_factors",)),
     ({**_VALID_EMA, "target_factors": [0.99, 0.99]}, ("target_factors",)),
-    ({**_VALID_EMA, "target_factors": ["fast"]}, ("target_factors", 0)),
+    ({**_VALID_EMA, "target_factors": ["fast"]}, ("target_factors",)),
     ({**_VALID_EMA, "save_weights": "maybe"}, ("save_weights",)),
     ({**_VALID_EMA, "save_last_weights": 1}, ("save_last_weights",)),
     ({**_VALID_EMA, "buffers": "sum"}, ("buffers",)),
-    ({**_VALID_EMA, "schedule": "cosine"}, ("schedule",)),
+    ({**_VALID_EMA, "schedule": "cosine"}, ("schedule", "kind")),
     ({**_VALID_EMA, "shadow_dtype": "int8"}, ("shadow_dtype",)),
-    ({**_VALID_EMA, "update_every": 0}, ("update_every",)),
-    ({**_VALID_EMA, "start_step": -1}, ("start_step",)),
-    ({**_VALID_EMA, "inv_gamma": 0.0}, ("inv_gamma",)),
+    ({**_VALID_EMA, "update_every": 0}, ("schedule", "update_every")),
+    ({**_VALID_EMA, "start_step": -1}, ("schedule", "start_step")),
+    ({**_VALID_EMA, "inv_gamma": 0.0}, ("schedule", "inv_gamma")),
     ({**_VALID_EMA, "model_paths": ["encoder", "encoder.block"]}, ("model_paths",)),
     ({**_VALID_EMA, "model_paths": ["a..b"]}, ("model_paths",)),
     ({**_VALID_EMA, "name": "  "}, ("name",)),
@@ -179,6 +179,6 @@ def test_engine_options_reach_the_config():
     config = EmaCallbackConfig(every_n_updates=10, schedule="power", power=0.75, update_every=2, start_step=5,
                                shadow_dtype="live", buffers="average", model_paths=["encoder", "decoder"],
                                target_factors=[0.999, 0.9999])
-    assert config.torch_shadow_dtype is None and config.model_paths == ["encoder", "decoder"]
+    assert config.torch_shadow_dtype is None and config.model_paths == ("encoder", "decoder")
     import torch
     assert EmaCallbackConfig().torch_shadow_dtype is torch.float32

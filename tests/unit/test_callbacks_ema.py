@@ -254,7 +254,7 @@ def test_save_last_weights_without_save_weights_and_the_periodic_tags(tmp_path):
 def test_saving_needs_a_directory_and_roots_must_differ(tmp_path):
     with pytest.raises(ValueError, match="checkpoint directory"):
         CallbackRunner([EmaCallbackConfig()], model=_model(), writer=MemoryWriter())
-    with pytest.raises(ValueError, match="both write EMA checkpoints"):
+    with pytest.raises(ValueError, match="both write checkpoints"):
         CallbackRunner([EmaCallbackConfig(), EmaCallbackConfig(name="second")], model=_model(),
                        writer=MemoryWriter(), run_dir=tmp_path)
 
@@ -278,7 +278,7 @@ def test_resume_order_latest_then_last_then_init(tmp_path, caplog):
         return runner[0], model
 
     # 1) empty directory: resume falls back to the live weights
-    cb, _model = run(EmaCallbackConfig(target_factors=[0.9], save_last_weights=True), True, 3, seed=0)
+    cb, _trained = run(EmaCallbackConfig(target_factors=[0.9], save_last_weights=True), True, 3, seed=0)
     assert cb.resumed_from is None
     last_values = _ema_values(cb.ema)
 

@@ -45,7 +45,7 @@ class RecorderCallback(PeriodicCallback):
         self._note("before_training", update_counter)
 
     def track_after_update_step(self, *, update_counter, **kw):
-        self._note("track", update_counter, kw.get("loss"))
+        self._note("track", update_counter, kw["values"].get("loss"))
 
     def after_update(self, *, update_counter, **kw):
         self._note("after_update", update_counter)
@@ -73,7 +73,7 @@ def _train(runner, epochs, updates, num_samples=None, manual_epochs=True):
     runner.before_training()
     for _ in range(epochs):
         for u in range(updates):
-            runner.after_update(num_samples=None if num_samples is None else num_samples[u], loss=float(u))
+            runner.after_update(num_samples=None if num_samples is None else num_samples[u], values={"loss": float(u)})
         if manual_epochs:
             runner.after_epoch()
     runner.after_training()

@@ -193,14 +193,14 @@ def test_shadow_bytes_are_exactly_local_numel_times_factors_times_dtype():
     float_buffers = sum(b.numel() for b in model.buffers() if b.dtype.is_floating_point)
     assert ema.shadow_bytes == (numel + float_buffers) * 4
     assert ema.copied_bytes == 16  # the int64 counter and BatchNorm's num_batches_tracked
-    assert ema.scratch_bytes == 0
+    assert ema.upcast_buffer_bytes == 0
 
 
 def test_bf16_live_with_fp32_shadows_matches_float64_reference():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 3)).bfloat16()
-    ema = ShardedEMA(model, [0.99, 0.9], upcast_scratch_bytes=64)  # 16 fp32 elements: many batches
-    assert ema.scratch_bytes == 64
+    ema = ShardedEMA(model, [0.99, 0.9], upcast_buffer_bytes=64)  # 16 fp32 elements: many batches
+    assert ema.upcast_buffer_bytes == 64
     assert ema.shadow(0.99, (None, "0.weight")).dtype == torch.float32
     ref = {f: {n: p.double().clone() for n, p in model.named_parameters()} for f in (0.99, 0.9)}
     for _ in range(5):
@@ -301,9 +301,9 @@ def test_bad_model_paths_are_rejected_with_the_valid_names():
 
 def test_other_bad_options_are_rejected():
     model = TwoTower()
-    with pytest.raises(ValueError, match="buffers='mean' is not a buffers policy"):
+    with pytest.raises(ValueError, match="buffers"):
         ShardedEMA(model, 0.9, buffers="mean")
-    with pytest.raises(ValueError, match="schedule='cosine' is not a schedule"):
+    with pytest.raises(ValueError, match="schedule.kind"):
         ShardedEMA(model, 0.9, schedule="cosine")
     with pytest.raises(ValueError, match="shadow_dtype=torch.int32"):
         ShardedEMA(model, 0.9, shadow_dtype=torch.int32)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from shardema import EMAState, ShardedEMA
-from shardema._swap import DEFAULT_SCRATCH_BYTES, SwapAbortedError, _Swap, swap_context
+import shardema
+from shardema import DEFAULT_EXCHANGE_BUFFER_BYTES, EMAState, ShardedEMA
+from shardema._swap import SwapAbortedError, _Swap
 
 FACTORS = [0.9, 0.99]
 
@@ -73,15 +74,15 @@ def _reference_forward(weights: dict, buffers: dict, x: torch.Tensor) -> torch.T
     return ref(x.double())
 
 
-@pytest.mark.parametrize("scratch_bytes", [None, 12])
-def test_in_place_swap_matches_float64_reference_and_restores_bit_exact(scratch_bytes):
+@pytest.mark.parametrize("exchange_buffer_bytes", [None, 12])
+def test_in_place_swap_matches_float64_reference_and_restores_bit_exact(exchange_buffer_bytes):
     model = _net()
     ema = ShardedEMA(model, FACTORS)
     ref, buffers, _ = _train(model, ema, steps=4)
     x = torch.randn(6, 4)
     snapshot, shadows = _snapshot(model), _shadows(ema)
     live_out = model(x)
-    with swap_context(ema, 0.99, scratch_bytes=scratch_bytes) as info:
+    with ema.swapped(0.99, exchange_buffer_bytes=exchange_buffer_bytes) as info:
         assert ema.state is EMAState.SWAPPED
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.double(), ref[0.99][name], rtol=0, atol=1e-6)
@@ -92,12 +93,14 @@ def test_in_place_swap_matches_float64_reference_and_restores_bit_exact(scratch_
     assert ema.state is EMAState.IDLE
     _assert_bit_exact(model, snapshot, ema, shadows)
     assert torch.equal(model(x), live_out)
-    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    widest = max(t.element_size() for t in model.state_dict().values())
-    assert info.mode == "in_place" and info.backup_bytes == 0 and not info.backup_on_host
+    # Parameters are exchanged in place; buffers (small) are always backed up.
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    widest = max(p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert info.mode == "in_place" and info.backup_bytes == buffer_bytes and not info.backup_on_host
     assert info.num_tensors == len(model.state_dict())
-    expected = max(min(scratch_bytes or DEFAULT_SCRATCH_BYTES, total), widest)
-    assert info.scratch_bytes == info.extra_bytes == expected
+    expected = max(min(exchange_buffer_bytes or DEFAULT_EXCHANGE_BUFFER_BYTES, total), widest)
+    assert info.exchange_buffer_bytes == expected and info.extra_bytes == expected + buffer_bytes
     assert info.factor == 0.99 and info.model_paths == (None,)
 
 
@@ -105,13 +108,14 @@ def test_tiny_scratch_makes_many_batches_that_straddle_tensors():
     model = _net()
     ema = ShardedEMA(model, FACTORS)
     _train(model, ema, steps=2)
-    swap = _Swap(ema, 1, ema.tracked(), scratch_limit=12, backup_to_host=False)
-    float_numel = sum(t.numel() for t in model.state_dict().values() if t.dtype == torch.float32)
+    swap = _Swap(ema.store, 1, ema.tracked(), scratch_limit=12, backup_to_host=False)
+    float_numel = sum(p.numel() for p in model.parameters())
     float_batches = [b for b in swap.batches if b[1] == torch.float32]
-    assert len(float_batches) == -(-float_numel // 3)  # 12 bytes = 3 fp32 elements per batch
+    assert len(float_batches) == len(swap.batches) == -(-float_numel // 3)  # 12 bytes = 3 fp32 elements
     assert any(len(segments) > 1 for _, _, segments in float_batches)  # segments of two tensors
-    int_batches = [b for b in swap.batches if b[1] == torch.int64]
-    assert len(int_batches) == 1 and swap.scratch[torch.device("cpu")].numel() == 12
+    assert swap.scratch[torch.device("cpu")].numel() == 12
+    buffers = {i for i, t in enumerate(swap.targets) if t.is_buffer}
+    assert buffers and buffers == set(swap.backed)  # buffers are backed up, never exchanged
 
 
 def test_backup_path_bf16_live_fp32_shadow():
@@ -119,7 +123,7 @@ def test_backup_path_bf16_live_fp32_shadow():
     ema = ShardedEMA(model, FACTORS, shadow_dtype=torch.float32, buffers="ignore")
     ref, _, _ = _train(model, ema, steps=3)
     snapshot, shadows = _snapshot(model), _shadows(ema)
-    with swap_context(ema, 0.9, backup_to_host=True) as info:
+    with ema.swapped(0.9, backup_to_host=True) as info:
         for name, p in model.named_parameters():
             shadow = ema.shadow(0.9, (None, name))
             assert shadow.dtype == torch.float32
@@ -127,7 +131,7 @@ def test_backup_path_bf16_live_fp32_shadow():
             torch.testing.assert_close(p.double(), ref[0.9][name], rtol=1e-2, atol=1e-2)
     _assert_bit_exact(model, snapshot, ema, shadows)
     param_bytes = sum(p.numel() * 2 for p in model.parameters())
-    assert info.mode == "backup" and info.scratch_bytes == 0
+    assert info.mode == "backup" and info.exchange_buffer_bytes == 0
     assert info.backup_bytes == info.extra_bytes == param_bytes
     assert not info.backup_on_host  # CPU live tensors: nothing to pin
 
@@ -143,15 +147,16 @@ def test_mixed_model_exchanges_same_dtype_and_backs_up_the_rest():
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype))
         ema.update()
     snapshot, shadows = _snapshot(model), _shadows(ema)
-    with swap_context(ema, 0.99) as info:
+    with ema.swapped(0.99) as info:
         for t in ema.tracked():  # (exchanged shadows hold the live values now: compare with copies)
             assert torch.equal(t.local(), shadows[(0.99, t.key)].to(t.dtype)), t.fqn
     _assert_bit_exact(model, snapshot, ema, shadows)
     bf16_bytes = sum(p.numel() * 2 for p in model[2].parameters())
-    other = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if not n.startswith("2."))
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("2."))
     assert info.mode == "mixed"
-    assert info.backup_bytes == bf16_bytes and info.scratch_bytes == other
-    assert info.extra_bytes == bf16_bytes + other
+    assert info.backup_bytes == bf16_bytes + buffer_bytes and info.exchange_buffer_bytes == other
+    assert info.extra_bytes == bf16_bytes + buffer_bytes + other
 
 
 def test_buffer_policies():
@@ -160,7 +165,7 @@ def test_buffer_policies():
         ema = ShardedEMA(model, FACTORS, buffers=policy)
         _, at_update, averaged = _train(model, ema, steps=3)
         live_buffers = {n: b.clone() for n, b in model.named_buffers()}
-        with swap_context(ema, 0.9):
+        with ema.swapped(0.9):
             for name, b in model.named_buffers():
                 if policy == "ignore":
                     assert torch.equal(b, live_buffers[name]), name
@@ -197,7 +202,7 @@ def test_subset_of_model_paths():
             p.add_(1.0)
     ema.update()
     live = _snapshot(model)
-    with swap_context(ema, 0.5, model_paths="dec") as info:
+    with ema.swapped(0.5, model_paths="dec") as info:
         assert torch.equal(model["enc"].weight, live["enc.weight"])  # not swapped
         assert torch.equal(model["dec"].weight, live["dec.weight"] - 0.5)
     assert info.model_paths == ("dec",) and info.num_tensors == 2
@@ -209,7 +214,7 @@ def test_zero_numel_parameter_is_skipped():
     model = _net()
     model.empty = nn.Parameter(torch.empty(0, 3))
     ema = ShardedEMA(model, FACTORS)
-    with swap_context(ema, 0.9) as info:
+    with ema.swapped(0.9) as info:
         assert model.empty.shape == (0, 3)
     assert info.num_tensors == len(model.state_dict()) - 1
 
@@ -225,8 +230,8 @@ def test_guards_nested_update_save_and_bad_arguments():
     with pytest.raises(ValueError, match="not tracked"):
         with ema.swapped(0.9, model_paths="0"):
             pass
-    with pytest.raises(ValueError, match="scratch_bytes"):
-        with swap_context(ema, 0.9, scratch_bytes=0):
+    with pytest.raises(ValueError, match="exchange_buffer_bytes"):
+        with ema.swapped(0.9, exchange_buffer_bytes=0):
             pass
     assert ema.state is EMAState.IDLE
     _assert_bit_exact(model, snapshot, ema, shadows)
@@ -279,7 +284,7 @@ def test_failure_during_swap_in_undoes_the_batches_done(monkeypatch):
 
     monkeypatch.setattr(_Swap, "_exchange", flaky)
     with pytest.raises(MemoryError, match="simulated"):
-        with swap_context(ema, 0.9, scratch_bytes=16):
+        with ema.swapped(0.9, exchange_buffer_bytes=16):
             pytest.fail("the body must not run when the swap-in failed")
     assert ema.state is EMAState.IDLE
     _assert_bit_exact(model, snapshot, ema, shadows)
@@ -306,10 +311,85 @@ def test_backup_to_host_pins_the_backup_of_cuda_tensors():
     ema = ShardedEMA(model, FACTORS, buffers="ignore")
     _train_plain(model, ema)
     snapshot, shadows = _snapshot(model), _shadows(ema)
-    with swap_context(ema, 0.9, backup_to_host=True) as info:
+    with ema.swapped(0.9, backup_to_host=True) as info:
         for name, p in model.named_parameters():
             assert torch.equal(p, ema.shadow(0.9, (None, name)).to(torch.bfloat16))
     torch.cuda.synchronize()
     _assert_bit_exact(model, snapshot, ema, shadows)
     assert info.backup_on_host and info.mode == "backup"
     assert info.backup_bytes == sum(p.numel() * 2 for p in model.parameters())
+
+
+# ---------------------------------------------------------------- writes inside the swap body
+def _bn_loader(n: int = 4, seed: int = 7):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 4, generator=gen) * 3 + 1 for _ in range(n)]
+
+
+def test_a_train_mode_forward_in_the_body_leaves_the_buffer_ema_exact():
+    model = _net()
+    ema = ShardedEMA(model, FACTORS, buffers="average")
+    _train(model, ema, steps=3)
+    snapshot, shadows = _snapshot(model), _shadows(ema)
+    with ema.swapped(0.99):
+        model.train()  # BatchNorm running stats change: buffers are written, parameters are not
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+        model.eval()
+    _assert_bit_exact(model, snapshot, ema, shadows)
+
+
+@pytest.mark.parametrize("live_dtype", [torch.float32, torch.bfloat16])
+def test_writing_a_swapped_parameter_raises_after_restoring(live_dtype):
+    model = _net(live_dtype)
+    ema = ShardedEMA(model, FACTORS)
+    _train(model, ema, steps=2)
+    snapshot = _snapshot(model)
+    with pytest.raises(shardema.SwapWriteError, match=r"wrote to swapped parameter\(s\) model:0.weight") as info:
+        with ema.swapped(0.9):
+            with torch.no_grad():
+                model[0].weight.mul_(2)
+    assert info.value.fqns == ("0.weight",)
+    assert "keep_changes=True" in str(info.value)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, snapshot[name]), name
+    assert ema.state is EMAState.IDLE
+
+
+@pytest.mark.parametrize("live_dtype", [torch.float32, torch.bfloat16])
+def test_keep_changes_makes_the_written_values_the_ema(live_dtype):
+    model = _net(live_dtype)
+    ema = ShardedEMA(model, FACTORS, buffers="average")
+    _train(model, ema, steps=2)
+    snapshot, shadows = _snapshot(model), _shadows(ema)
+    with ema.swapped(0.9, keep_changes=True):
+        with torch.no_grad():
+            model[0].weight.mul_(2)
+        written = model[0].weight.detach().clone()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, snapshot[name]), name  # live weights restored
+    shadow = ema.shadow(0.9, (None, "0.weight"))
+    assert torch.equal(shadow, written.to(shadow.dtype))
+    for (f, key), before in shadows.items():  # nothing else moved
+        if (f, key) != (0.9, (None, "0.weight")):
+            assert torch.equal(ema.shadow(f, key), before), (f, key)
+
+
+def test_update_bn_on_the_ema_weights_with_keep_changes():
+    model = _net()
+    ema = ShardedEMA(model, FACTORS, buffers="average")
+    _train(model, ema, steps=3)
+    loader = _bn_loader()
+    # Reference: a separate copy of the network holding the EMA weights, update_bn on it.
+    reference = _net()
+    reference.load_state_dict({n: ema.shadow(0.99, (None, n)).to(t.dtype)
+                               for n, t in reference.state_dict().items()})
+    torch.optim.swa_utils.update_bn(loader, reference)
+    live_before = _snapshot(model)
+    with ema.swapped(0.99, keep_changes=True):
+        torch.optim.swa_utils.update_bn(loader, model)
+    for name, value in reference.state_dict().items():
+        shadow = ema.shadow(0.99, (None, name))
+        torch.testing.assert_close(shadow.to(value.dtype), value, rtol=0, atol=1e-6, msg=name)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, live_before[name]), name

@@ -3,11 +3,16 @@
 [Note: hook order]
 For each optimizer update the runner counts the update (and, when it completes an
 epoch, the epoch), then calls on every callback in order:
-``track_after_update_step`` (every update), ``after_update`` (periodic work) and,
-at an epoch end, ``after_epoch``. ``before_training`` / ``after_training`` run once,
-``resume_from_checkpoint`` before ``before_training`` when resuming, ``at_eval``
-when the loop asks for an evaluation. Every hook runs under ``torch.no_grad()``
-and receives the shared :class:`UpdateCounter` as ``update_counter``.
+``track_after_update_step`` (every update, unconditionally: cheap tracking such as
+the EMA update itself), ``after_update`` (every update too, but meant for periodic
+work: :class:`PeriodicCallback` runs ``periodic_callback`` there only when its
+update/sample schedule fires) and, at an epoch end, ``after_epoch``.
+``before_training`` / ``after_training`` run once, ``resume_from_checkpoint`` before
+``before_training`` when resuming, ``at_eval`` when the loop asks for an evaluation.
+Every hook runs under ``torch.no_grad()`` and takes exactly two keyword arguments:
+the shared :class:`UpdateCounter` as ``update_counter``, and ``values``, a read-only
+mapping of what the training loop handed to the runner for this call (e.g.
+``{"loss": 2.31}``; empty by default).
 """
 
 from __future__ import annotations
@@ -16,14 +21,19 @@ import dataclasses
 import enum
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from . import _registry
 from ._config import CallbackConfig, PeriodicCallbackConfig
 from ._counter import UpdateCounter
 from ._metrics import MemoryWriter, MetricWriter
+
+NO_VALUES: Mapping[str, Any] = MappingProxyType({})
+"""The ``values`` a hook gets when the training loop passed none."""
 
 
 class IntervalType(str, enum.Enum):
@@ -79,28 +89,44 @@ class CallbackContext:
 class CallbackBase:
     """A training callback: override the hooks you need (all are no-ops here).
 
-    Register a subclass with :func:`register_callback` and give it a ``config_class``
-    to make it available in YAML configs. Hooks are keyword-only and receive
-    ``update_counter``; see [Note: hook order].
+    Define a subclass with a ``config_class`` and a ``kind`` to make it available in
+    YAML configs (``kind: MyEval``)::
+
+        class MyEvalConfig(PeriodicCallbackConfig):
+            dataset_key: str
+
+        class MyEval(PeriodicCallback, kind="MyEval"):
+            config_class = MyEvalConfig
+
+    Hooks are keyword-only: ``update_counter`` and ``values``; see [Note: hook order].
 
     Args:
-        config: the validated config (a default one when omitted).
+        config: the validated config (a default one when omitted); validate a mapping
+            first with ``ConfigClass.model_validate(mapping)``.
         context: what the run provides (model, datasets, loss, writer, directories).
     """
 
     config_class: ClassVar[type[CallbackConfig]] = CallbackConfig
     kind_name: ClassVar[str | None] = None
+    """The ``kind`` this class is registered under (None: not available in configs)."""
+
+    def __init_subclass__(cls, kind: str | None = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.kind_name = None  # a subclass is not registered under its parent's kind
+        if kind is not None:
+            _register(cls, kind)
 
     def __init__(self, config: CallbackConfig | None = None, context: CallbackContext | None = None):
-        if config is None or isinstance(config, Mapping):
-            data = dict(config or {})
-            own_kind = type(self).__dict__.get("kind_name")  # set on registered classes only
-            if own_kind is not None:
-                data.setdefault("kind", own_kind)
+        if config is None:
+            data: dict[str, Any] = {}
+            if self.kind_name is not None:
+                data["kind"] = self.kind_name
             config = self.config_class.model_validate(data)
         if not isinstance(config, self.config_class):
+            hint = (f"; validate a mapping first: {self.config_class.__name__}.model_validate(...)"
+                    if isinstance(config, Mapping) else "")
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, "
-                            f"got {type(config).__name__}")
+                            f"got {type(config).__name__}{hint}")
         self.config = config
         self.context = context if context is not None else CallbackContext()
 
@@ -126,31 +152,34 @@ class CallbackBase:
 
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
-    def before_training(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def before_training(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Once, before the first update (after :meth:`resume_from_checkpoint` when resuming)."""
 
     @torch.no_grad()
-    def resume_from_checkpoint(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def resume_from_checkpoint(self, *, update_counter: UpdateCounter,
+                               values: Mapping[str, Any] = NO_VALUES) -> None:
         """Once, when the run resumes, before :meth:`before_training`."""
 
     @torch.no_grad()
-    def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs) -> None:
-        """After every optimizer update (cheap tracking; the EMA update happens here)."""
+    def track_after_update_step(self, *, update_counter: UpdateCounter,
+                                values: Mapping[str, Any] = NO_VALUES) -> None:
+        """After every optimizer update, unconditionally (cheap tracking; the EMA update happens here)."""
 
     @torch.no_grad()
-    def after_update(self, *, update_counter: UpdateCounter, **kwargs) -> None:
-        """After every optimizer update, following :meth:`track_after_update_step`."""
+    def after_update(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
+        """After every optimizer update, following :meth:`track_after_update_step`; the place for
+        periodic work (see [Note: hook order])."""
 
     @torch.no_grad()
-    def after_epoch(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def after_epoch(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """After every completed epoch (``update_counter.epoch`` already counts it)."""
 
     @torch.no_grad()
-    def at_eval(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def at_eval(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """When the training loop asks for an evaluation."""
 
     @torch.no_grad()
-    def after_training(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def after_training(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Once, after the last update."""
 
     def fires(self, hook: Hook | str, update_counter: UpdateCounter) -> bool:
@@ -159,6 +188,10 @@ class CallbackBase:
         Default: always (a plain callback's hooks may do anything).
         """
         return True
+
+    def checkpoint_dirs(self) -> list[os.PathLike]:
+        """Directories this callback writes checkpoints to (the runner refuses two writers on one)."""
+        return []
 
     def get_children(self) -> list[CallbackBase]:
         """Callbacks this one owns and dispatches (flat list; none by default)."""
@@ -185,6 +218,7 @@ class PeriodicCallback(CallbackBase):
     """
 
     config_class: ClassVar[type[CallbackConfig]] = PeriodicCallbackConfig
+    config: PeriodicCallbackConfig
 
     def __init__(self, config: PeriodicCallbackConfig | None = None, context: CallbackContext | None = None):
         super().__init__(config, context)
@@ -231,23 +265,59 @@ class PeriodicCallback(CallbackBase):
 
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
-    def after_update(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def after_update(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Run :meth:`periodic_callback` when the update or sample schedule fires."""
         interval = self.update_interval(update_counter)
         if interval is not None:
-            self.periodic_callback(interval_type=interval, update_counter=update_counter, **kwargs)
+            self.periodic_callback(interval_type=interval, update_counter=update_counter, values=values)
 
     @torch.no_grad()
-    def after_epoch(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def after_epoch(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Run :meth:`periodic_callback` when the epoch schedule fires."""
         if self.epoch_fires(update_counter):
-            self.periodic_callback(interval_type=IntervalType.EPOCH, update_counter=update_counter, **kwargs)
+            self.periodic_callback(interval_type=IntervalType.EPOCH, update_counter=update_counter, values=values)
 
     @torch.no_grad()
-    def at_eval(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def at_eval(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Run :meth:`periodic_callback` with ``IntervalType.EVAL``."""
-        self.periodic_callback(interval_type=IntervalType.EVAL, update_counter=update_counter, **kwargs)
+        self.periodic_callback(interval_type=IntervalType.EVAL, update_counter=update_counter, values=values)
 
     @torch.no_grad()
-    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs) -> None:
+    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter,
+                          values: Mapping[str, Any] = NO_VALUES) -> None:
         """The periodic work: evaluate, save, log. Override this."""
+
+
+def _register(klass: type[CallbackBase], kind: str) -> None:
+    config_class = getattr(klass, "config_class", None)
+    if not (isinstance(config_class, type) and issubclass(config_class, CallbackConfig)):
+        raise TypeError(f"{klass.__name__}.config_class must be a CallbackConfig subclass, got {config_class!r}")
+    _registry.add(kind, klass)
+    klass.kind_name = kind
+
+
+C = TypeVar("C", bound=type)
+
+
+def register_callback(cls: C | None = None, *, name: str | None = None) -> C | Callable[[C], C]:
+    """Class decorator, equivalent to ``class X(CallbackBase, kind=name)``: make a callback class
+    available as ``kind: <name>`` in configs (``name`` defaults to the class name).
+
+    The class must define ``config_class``, a subclass of :class:`CallbackConfig`.
+    Registering the same class again (a module imported twice) is allowed; giving a
+    name to a different class raises.
+    """
+
+    def decorate(klass: C) -> C:
+        if not (isinstance(klass, type) and issubclass(klass, CallbackBase)):
+            raise TypeError(f"register_callback expects a CallbackBase subclass, got {klass!r}")
+        _register(klass, name or klass.__name__)
+        return klass
+
+    return decorate if cls is None else decorate(cls)
+
+
+def build_callback(config: CallbackConfig, context: CallbackContext) -> CallbackBase:
+    """Instantiate the callback a validated config names."""
+    _, klass = _registry.resolve_kind(config.kind)
+    return klass(config, context)

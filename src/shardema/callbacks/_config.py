@@ -11,27 +11,16 @@ configures, and fills it in otherwise.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .._schedule import check_factors
-from .._shards import check_model_paths
+from ..config import EMAConfig
 from ._registry import kinds_of_config, known_kinds, resolve_kind
 
 PositiveStrictInt = Annotated[int, Field(gt=0, strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
-
-SHADOW_DTYPES: dict[str, torch.dtype | None] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "live": None,  # each shadow in its live tensor's dtype
-}
-
 
 def field_error(title: str, loc: tuple, message: str, value: Any) -> ValidationError:
     """A ValidationError located at ``loc`` (used by checks that span several fields)."""
@@ -72,7 +61,7 @@ class CallbackConfig(BaseModel):
             short, klass = resolve_kind(data["kind"])
         except ValueError as exc:
             raise field_error(cls.__name__, ("kind",), str(exc), data["kind"]) from None
-        target = klass.config_class
+        target: type[CallbackConfig] = klass.config_class  # type: ignore[attr-defined]
         data["kind"] = short
         if target is cls:
             return handler(data)
@@ -129,17 +118,16 @@ def _no_callback_kind_nesting(parent: str, children: list) -> None:
                               "list it at the top level", child.kind)
 
 
-class EmaCallbackConfig(PeriodicCallbackConfig):
-    """Config of :class:`EmaCallback` (the seed's fields plus the engine's options).
+class EmaCallbackConfig(PeriodicCallbackConfig, EMAConfig):
+    """Config of :class:`EmaCallback`: every :class:`~shardema.EMAConfig` field, plus saving and children.
 
-    The periodic fields schedule the saves with the iteration tag (``save_weights``)
-    and of ``cp=latest`` (``save_latest_weights``); the EMA itself is updated after
-    every optimizer update.
+    The EMA options are :class:`~shardema.EMAConfig`'s own fields (same names, same
+    validation; ``target_factors`` defaults to ``[0.9999]`` here). The periodic fields
+    schedule the saves with the iteration tag (``save_weights``) and of ``cp=latest``
+    (``save_latest_weights``); the EMA itself is updated after every optimizer update.
     """
 
-    model_paths: list[str | None] | None = None
-    """Dotted submodule paths averaged separately (``None``: the whole model)."""
-    target_factors: list[float] = Field(default_factory=lambda: [0.9999])
+    target_factors: tuple[float, ...] = (0.9999,)
     """Decays in (0, 1), distinct; eval callbacks run once per factor."""
     save_weights: StrictBool = False
     """Save ``cp=<iteration tag>`` (``E{e}_U{u}_S{s}``) on the periodic schedule."""
@@ -153,40 +141,11 @@ class EmaCallbackConfig(PeriodicCallbackConfig):
     """Checkpoint directory; default: the runner's ``ema_root`` (``<run_dir>/ema``)."""
     strict_resume: StrictBool = False
     """On resume, raise instead of warning when no committed checkpoint exists."""
-    shadow_dtype: Literal["float32", "float64", "bfloat16", "float16", "live"] = "float32"
-    """Dtype of the EMA shadows (``live``: each tensor's own dtype)."""
-    buffers: Literal["copy", "average", "ignore"] = "copy"
-    """Buffer policy of the engine."""
-    schedule: Literal["constant", "warmup", "power"] = "constant"
-    """Decay schedule of the engine (see ``shardema.DecaySchedule``)."""
-    inv_gamma: float = Field(1.0, gt=0)
-    """``power`` schedule parameter."""
-    power: float = Field(2 / 3, gt=0)
-    """``power`` schedule parameter."""
-    update_every: PositiveStrictInt = 1
-    """Average on every k-th optimizer update only."""
-    start_step: Annotated[int, Field(ge=0, strict=True)] = 0
-    """Updates before this step copy the live weights instead of averaging."""
-    include_frozen: StrictBool = True
-    """Also average parameters with ``requires_grad=False``."""
 
     @field_validator("eval_callbacks", mode="before")
     @classmethod
     def _none_is_empty(cls, value):
         return [] if value is None else value
-
-    @field_validator("model_paths")
-    @classmethod
-    def _check_model_paths(cls, value):
-        if value is None:
-            return None
-        return check_model_paths(value)
-
-    @field_validator("target_factors")
-    @classmethod
-    def _check_factors(cls, value):
-        check_factors(value)
-        return value
 
     @model_validator(mode="after")
     def _saves_need_a_schedule(self):
@@ -199,11 +158,6 @@ class EmaCallbackConfig(PeriodicCallbackConfig):
                               f"every_n_updates or every_n_samples, or set {names} to false", None)
         _no_callback_kind_nesting(type(self).__name__, self.eval_callbacks)
         return self
-
-    @property
-    def torch_shadow_dtype(self) -> torch.dtype | None:
-        """``shadow_dtype`` as a torch dtype (``None`` for ``live``)."""
-        return SHADOW_DTYPES[self.shadow_dtype]
 
 
 class OfflineLossCallbackConfig(PeriodicCallbackConfig):

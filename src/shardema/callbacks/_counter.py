@@ -55,7 +55,8 @@ class UpdateCounter:
     @property
     def is_full_epoch(self) -> bool:
         """True when the latest update completed an epoch (needs ``updates_per_epoch``)."""
-        return bool(self.updates_per_epoch) and self.update > 0 and self.update % self.updates_per_epoch == 0
+        per_epoch = self.updates_per_epoch
+        return per_epoch is not None and per_epoch > 0 and self.update > 0 and self.update % per_epoch == 0
 
     @property
     def counts_samples(self) -> bool:

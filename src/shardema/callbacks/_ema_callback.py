@@ -13,18 +13,19 @@ children without a swap, so they see the live weights.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from .._ema import ShardedEMA
 from .._log import logger
-from ._base import CallbackBase, CallbackContext, Hook, IntervalType, PeriodicCallback
+from ._base import NO_VALUES, CallbackBase, CallbackContext, Hook, IntervalType, PeriodicCallback, build_callback
 from ._config import EmaCallbackConfig
 from ._counter import UpdateCounter
 from ._metrics import PrefixedWriter
-from ._registry import build_callback, register_callback
 
 
 def factor_prefix(factor: float) -> str:
@@ -32,8 +33,7 @@ def factor_prefix(factor: float) -> str:
     return f"ema={float(factor)!r}/"
 
 
-@register_callback
-class EmaCallback(PeriodicCallback):
+class EmaCallback(PeriodicCallback, kind="EmaCallback"):
     """EMA of the model's weights, with checkpoints and EMA-evaluated child callbacks.
 
     - ``before_training`` (or ``resume_from_checkpoint``) creates the
@@ -54,6 +54,7 @@ class EmaCallback(PeriodicCallback):
     """
 
     config_class: ClassVar = EmaCallbackConfig
+    config: EmaCallbackConfig
 
     def __init__(self, config: EmaCallbackConfig | None = None, context: CallbackContext | None = None):
         super().__init__(config, context)
@@ -97,14 +98,12 @@ class EmaCallback(PeriodicCallback):
             return self.ema
         if self.model is None:
             raise ValueError(f"{self.name}: the callback context has no model; give the runner model=...")
-        cfg: EmaCallbackConfig = self.config
-        self.ema = ShardedEMA(
-            self.model, list(self.target_factors), model_paths=cfg.model_paths,
-            shadow_dtype=cfg.torch_shadow_dtype, buffers=cfg.buffers, schedule=cfg.schedule,
-            inv_gamma=cfg.inv_gamma, power=cfg.power, update_every=cfg.update_every, start_step=cfg.start_step,
-            include_frozen=cfg.include_frozen, process_group=self.context.process_group,
-        )
+        self.ema = ShardedEMA(self.model, self.config.to_ema_config(), process_group=self.context.process_group)
         return self.ema
+
+    def checkpoint_dirs(self) -> list[os.PathLike]:
+        """The EMA checkpoint root (when saving or resuming is possible)."""
+        return [] if self.root is None else [self.root]
 
     def _require_ema(self, hook: str) -> ShardedEMA:
         if self.ema is None:
@@ -127,12 +126,12 @@ class EmaCallback(PeriodicCallback):
         """Every child eval callback, all factors, as one flat list (factor order)."""
         return [child for factor in self.target_factors for child in self.eval_callbacks[factor]]
 
-    def _forward(self, hook: Hook, update_counter: UpdateCounter, **kwargs) -> None:
+    def _forward(self, hook: Hook, update_counter: UpdateCounter, values: Mapping[str, Any]) -> None:
         """Run ``hook`` on every child with the live weights."""
         for child in self.get_children():
-            getattr(child, hook.value)(update_counter=update_counter, **kwargs)
+            getattr(child, hook.value)(update_counter=update_counter, values=values)
 
-    def _dispatch_swapped(self, hook: Hook, update_counter: UpdateCounter, **kwargs) -> None:
+    def _dispatch_swapped(self, hook: Hook, update_counter: UpdateCounter, values: Mapping[str, Any]) -> None:
         """Per factor: swap in its EMA weights and run ``hook`` on its children, if one fires."""
         for factor in self.target_factors:
             children = self.eval_callbacks[factor]
@@ -141,7 +140,7 @@ class EmaCallback(PeriodicCallback):
             ema = self._require_ema(hook.value)
             with ema.swapped(factor, self.model_paths):
                 for child in children:
-                    getattr(child, hook.value)(update_counter=update_counter, **kwargs)
+                    getattr(child, hook.value)(update_counter=update_counter, values=values)
 
     def fires(self, hook: Hook | str, update_counter: UpdateCounter) -> bool:
         """Its own schedule, or any child's."""
@@ -149,7 +148,7 @@ class EmaCallback(PeriodicCallback):
 
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
-    def resume_from_checkpoint(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def resume_from_checkpoint(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Collective: create the EMA and load ``cp=latest``, else ``cp=last``, else keep the live init."""
         if self.root is None:
             raise ValueError(f"{self.name}: cannot resume without a checkpoint directory; set root in the config "
@@ -162,39 +161,40 @@ class EmaCallback(PeriodicCallback):
             logger.warning("%s: the run state was saved at EMA step %d but the EMA checkpoint is at step %d; "
                            "save cp=latest on the same schedule as the run state to keep them together",
                            self.name, self._saved_ema_step, ema.step)
-        self._forward(Hook.RESUME_FROM_CHECKPOINT, update_counter, **kwargs)
+        self._forward(Hook.RESUME_FROM_CHECKPOINT, update_counter, values)
 
     @torch.no_grad()
-    def before_training(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def before_training(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Collective: create the EMA from the live weights unless resumed; forward to the children."""
         self.create_ema()
-        self._forward(Hook.BEFORE_TRAINING, update_counter, **kwargs)
+        self._forward(Hook.BEFORE_TRAINING, update_counter, values)
 
     @torch.no_grad()
-    def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def track_after_update_step(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Update the EMA (every optimizer update); forward to the children with live weights."""
         self._require_ema("track_after_update_step").update()
-        self._forward(Hook.TRACK_AFTER_UPDATE_STEP, update_counter, **kwargs)
+        self._forward(Hook.TRACK_AFTER_UPDATE_STEP, update_counter, values)
 
     @torch.no_grad()
-    def after_update(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def after_update(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Periodic saves on the update/sample schedule, then the children (swapped, if one fires)."""
-        super().after_update(update_counter=update_counter, **kwargs)
-        self._dispatch_swapped(Hook.AFTER_UPDATE, update_counter, **kwargs)
+        super().after_update(update_counter=update_counter, values=values)
+        self._dispatch_swapped(Hook.AFTER_UPDATE, update_counter, values)
 
     @torch.no_grad()
-    def after_epoch(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def after_epoch(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Periodic saves on the epoch schedule, then the children (swapped, if one fires)."""
-        super().after_epoch(update_counter=update_counter, **kwargs)
-        self._dispatch_swapped(Hook.AFTER_EPOCH, update_counter, **kwargs)
+        super().after_epoch(update_counter=update_counter, values=values)
+        self._dispatch_swapped(Hook.AFTER_EPOCH, update_counter, values)
 
     @torch.no_grad()
-    def at_eval(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def at_eval(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """The children with the EMA weights of each factor (no save)."""
-        self._dispatch_swapped(Hook.AT_EVAL, update_counter, **kwargs)
+        self._dispatch_swapped(Hook.AT_EVAL, update_counter, values)
 
     @torch.no_grad()
-    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs) -> None:
+    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter,
+                          values: Mapping[str, Any] = NO_VALUES) -> None:
         """Save ``cp=<iteration tag>`` and/or ``cp=latest`` (collective)."""
         if interval_type is IntervalType.EVAL:
             return
@@ -204,11 +204,11 @@ class EmaCallback(PeriodicCallback):
             self._save("latest", update_counter)
 
     @torch.no_grad()
-    def after_training(self, *, update_counter: UpdateCounter, **kwargs) -> None:
+    def after_training(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
         """Save ``cp=last`` when ``save_last_weights``; forward to the children with live weights."""
         if self.save_last_weights:
             self._save("last", update_counter)
-        self._forward(Hook.AFTER_TRAINING, update_counter, **kwargs)
+        self._forward(Hook.AFTER_TRAINING, update_counter, values)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -79,7 +79,7 @@ class JsonlWriter(MetricWriter):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file = None
+        self._file: TextIO | None = None
 
     def add_scalar(self, key, value, *, update_counter=None) -> None:
         if _dist.rank() != 0:

@@ -9,10 +9,9 @@ import torch
 import torch.distributed as dist
 
 from .. import _dist
-from ._base import CallbackContext, IntervalType, PeriodicCallback
+from ._base import NO_VALUES, CallbackContext, IntervalType, PeriodicCallback
 from ._config import OfflineLossCallbackConfig
 from ._counter import UpdateCounter
-from ._registry import register_callback
 
 
 def mean_over_ranks(total, count, process_group=None) -> float:
@@ -53,8 +52,7 @@ def batch_size_of(batch: Any) -> int:
                      "make loss_fn return (loss_sum, sample_count)")
 
 
-@register_callback
-class OfflineLossCallback(PeriodicCallback):
+class OfflineLossCallback(PeriodicCallback, kind="OfflineLossCallback"):
     """Mean loss of the model over ``datasets[dataset_key]``, all-reduced across ranks.
 
     ``loss_fn(model, batch)`` (the runner's, or the ``loss_fn`` argument) returns the
@@ -67,6 +65,7 @@ class OfflineLossCallback(PeriodicCallback):
     """
 
     config_class: ClassVar = OfflineLossCallbackConfig
+    config: OfflineLossCallbackConfig
 
     def __init__(self, config: OfflineLossCallbackConfig | None = None, context: CallbackContext | None = None,
                  *, loss_fn: Callable[..., Any] | None = None):
@@ -123,7 +122,8 @@ class OfflineLossCallback(PeriodicCallback):
                 from None
 
     @torch.no_grad()
-    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs) -> None:
+    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter,
+                          values: Mapping[str, Any] = NO_VALUES) -> None:
         """Evaluate and write the mean loss."""
         self.last_loss = self.evaluate()
         self.log_scalar(self.metric_key, self.last_loss, update_counter)

@@ -1,5 +1,9 @@
 """The explicit registry that maps a config's ``kind`` to a callback class.
 
+It imports nothing of the callback layer: classes register themselves when they are
+defined (``class MyEval(PeriodicCallback, kind="MyEval")``, see ``_base``), and the
+built-in kinds are imported on first use.
+
 [Note: kinds]
 A ``kind`` is either the short name a callback was registered under
 (``EmaCallback``) or a dotted import path to a registered callback class
@@ -12,63 +16,53 @@ is stored in its short form, so dumped configs are canonical.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ._base import CallbackBase, CallbackContext
-    from ._config import CallbackConfig
+from typing import Any
 
 _REGISTRY: dict[str, type] = {}
 
-C = TypeVar("C", bound=type)
+_BUILTINS: dict[str, str] = {
+    "EmaCallback": "shardema.callbacks._ema_callback",
+    "OfflineLossCallback": "shardema.callbacks._offline_loss",
+}
+"""Built-in kinds and the module that defines each: imported on first use, so validating a
+config never depends on which modules happened to be imported before."""
 
 
-def register_callback(cls: C | None = None, *, name: str | None = None) -> C | Callable[[C], C]:
-    """Class decorator: make a callback class available as ``kind: <name>`` in configs.
+def add(key: str, klass: type) -> None:
+    """Store ``klass`` under ``key`` (checked by the caller: ``CallbackBase`` subclass with a config class).
 
-    ``name`` defaults to the class name. The class must define ``config_class``, a
-    subclass of :class:`CallbackConfig`. Registering the same class again (a module
-    imported twice) is allowed; giving a name to a different class raises.
+    Registering the same class again (a module imported twice) is allowed; giving a
+    name to a different class raises.
     """
-
-    def decorate(klass: C) -> C:
-        from ._base import CallbackBase
-        from ._config import CallbackConfig
-
-        if not (isinstance(klass, type) and issubclass(klass, CallbackBase)):
-            raise TypeError(f"register_callback expects a CallbackBase subclass, got {klass!r}")
-        config_class = getattr(klass, "config_class", None)
-        if not (isinstance(config_class, type) and issubclass(config_class, CallbackConfig)):
-            raise TypeError(f"{klass.__name__}.config_class must be a CallbackConfig subclass, got {config_class!r}")
-        key = name or klass.__name__
-        if not key.isidentifier():
-            raise ValueError(f"callback name {key!r} must be an identifier such as 'MyEvalCallback'")
-        existing = _REGISTRY.get(key)
-        if existing is not None and _qualified(existing) != _qualified(klass):
-            raise ValueError(
-                f"callback name {key!r} is already registered for {_qualified(existing)}; "
-                f"register {_qualified(klass)} under another name: @register_callback(name='...')"
-            )
-        _REGISTRY[key] = klass
-        klass.kind_name = key
-        return klass
-
-    return decorate if cls is None else decorate(cls)
+    if not key.isidentifier():
+        raise ValueError(f"callback name {key!r} must be an identifier such as 'MyEvalCallback'")
+    existing = _REGISTRY.get(key)
+    if existing is not None and _qualified(existing) != _qualified(klass):
+        raise ValueError(
+            f"callback name {key!r} is already registered for {_qualified(existing)}; "
+            f"register {_qualified(klass)} under another name: class {klass.__name__}(..., kind='...')"
+        )
+    _REGISTRY[key] = klass
 
 
 def _qualified(klass: type) -> str:
     return f"{klass.__module__}.{klass.__qualname__}"
 
 
+def _load_builtins() -> None:
+    for module in _BUILTINS.values():
+        importlib.import_module(module)
+
+
 def registered_callbacks() -> dict[str, type]:
-    """A copy of the registry: short name -> callback class."""
+    """A copy of the registry: short name -> callback class (built-ins included)."""
+    _load_builtins()
     return dict(_REGISTRY)
 
 
 def known_kinds() -> str:
     """The registered short names, comma separated (for error messages)."""
-    return ", ".join(sorted(_REGISTRY)) or "(none)"
+    return ", ".join(sorted(registered_callbacks())) or "(none)"
 
 
 def resolve_kind(kind: object) -> tuple[str, type]:
@@ -76,6 +70,8 @@ def resolve_kind(kind: object) -> tuple[str, type]:
     if not isinstance(kind, str) or not kind.strip():
         raise ValueError(f"kind must be a callback name such as 'EmaCallback', got {kind!r}; known: {known_kinds()}")
     kind = kind.strip()
+    if kind not in _REGISTRY and kind in _BUILTINS:
+        importlib.import_module(_BUILTINS[kind])
     if kind in _REGISTRY:
         return kind, _REGISTRY[kind]
     if "." not in kind:
@@ -88,19 +84,17 @@ def resolve_kind(kind: object) -> tuple[str, type]:
         raise ValueError(f"kind {kind!r}: cannot import module {module_name!r} ({exc}); "
                          f"known kinds: {known_kinds()}") from None
     target = getattr(module, attr, None)
-    for short, klass in _REGISTRY.items():
+    for short, klass in registered_callbacks().items():
         if klass is target:
             return short, klass
-    raise ValueError(f"kind {kind!r} does not name a registered callback class; decorate it with "
-                     f"@register_callback, or use one of: {known_kinds()}")
+    raise ValueError(f"kind {kind!r} does not name a registered callback class; define it with "
+                     f"`class {attr}(CallbackBase, kind='{attr}')`, or use one of: {known_kinds()}")
 
 
 def kinds_of_config(config_class: type) -> list[str]:
     """Short names of the callbacks configured by exactly ``config_class``."""
-    return [short for short, klass in _REGISTRY.items() if klass.config_class is config_class]
+    return [short for short, klass in registered_callbacks().items() if _config_class(klass) is config_class]
 
 
-def build_callback(config: CallbackConfig, context: CallbackContext) -> CallbackBase:
-    """Instantiate the callback a validated config names."""
-    _, klass = resolve_kind(config.kind)
-    return klass(config, context)
+def _config_class(klass: type) -> Any:
+    return getattr(klass, "config_class", None)

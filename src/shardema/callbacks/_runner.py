@@ -6,20 +6,19 @@ import enum
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._base import CallbackBase, CallbackContext, Hook
+from ._base import NO_VALUES, CallbackBase, CallbackContext, Hook, build_callback
 from ._config import CallbackConfig
 from ._counter import UpdateCounter
-from ._ema_callback import EmaCallback
 from ._loader import load_callback_configs
 from ._metrics import MetricWriter, default_writer
-from ._registry import build_callback
 
-CallbackSpec = Union[CallbackBase, CallbackConfig, Mapping[str, Any]]
+CallbackSpec = CallbackBase | CallbackConfig | Mapping[str, Any]
 
 
 class RunnerState(enum.Enum):
@@ -40,7 +39,7 @@ class CallbackRunner:
         for epoch ...:
             for batch in loader:
                 ...; optimizer.step()
-                runner.after_update(num_samples=global_batch)
+                runner.after_update(num_samples=global_batch, values={"loss": loss})
             runner.after_epoch()                 # no-op if updates_per_epoch ended it already
         runner.at_eval()                         # optional, whenever an evaluation is wanted
         runner.after_training()
@@ -92,7 +91,7 @@ class CallbackRunner:
             callbacks = load_callback_configs(callbacks)
         self.callbacks: list[CallbackBase] = [self._build(spec, i) for i, spec in enumerate(callbacks)]
         self._keys = _unique_keys(self.callbacks)
-        self._check_ema_roots()
+        self._check_checkpoint_dirs()
         self.state = RunnerState.CREATED
         self._epoch_closed_at: int | None = None
 
@@ -106,17 +105,15 @@ class CallbackRunner:
         raise TypeError(f"callbacks[{index}] is a {type(spec).__name__}; give a CallbackBase, a CallbackConfig "
                         "or a mapping with a 'kind'")
 
-    def _check_ema_roots(self) -> None:
-        roots: dict[Path, str] = {}
+    def _check_checkpoint_dirs(self) -> None:
+        owners: dict[Path, str] = {}
         for cb in self.all_callbacks():
-            root = cb.root if isinstance(cb, EmaCallback) else None
-            if root is None:
-                continue
-            resolved = Path(root).resolve()
-            if resolved in roots:
-                raise ValueError(f"callbacks {roots[resolved]!r} and {cb.name!r} would both write EMA checkpoints "
-                                 f"to {str(root)!r}; give one of them root: <another directory>")
-            roots[resolved] = cb.name
+            for directory in cb.checkpoint_dirs():
+                resolved = Path(directory).resolve()
+                if resolved in owners:
+                    raise ValueError(f"callbacks {owners[resolved]!r} and {cb.name!r} would both write checkpoints "
+                                     f"to {str(directory)!r}; give one of them root: <another directory>")
+                owners[resolved] = cb.name
 
     # ------------------------------------------------------------------ introspection
     def all_callbacks(self) -> list[CallbackBase]:
@@ -144,32 +141,33 @@ class CallbackRunner:
             raise RuntimeError(f"runner.{call}() called while the runner is {self.state.value}; "
                                f"it belongs to the {state.value} phase")
 
-    def _call(self, hook: Hook, **kwargs) -> None:
+    def _call(self, hook: Hook, values: Mapping[str, Any] | None) -> None:
+        frozen = NO_VALUES if not values else MappingProxyType(dict(values))
         with torch.no_grad():
             for cb in self.callbacks:
-                getattr(cb, hook.value)(update_counter=self.update_counter, **kwargs)
+                getattr(cb, hook.value)(update_counter=self.update_counter, values=frozen)
 
-    def resume_from_checkpoint(self, state_dict: dict | None = None, **kwargs) -> None:
+    def resume_from_checkpoint(self, state_dict: dict | None = None, values: Mapping[str, Any] | None = None) -> None:
         """Collective, before :meth:`before_training`: restore ``state_dict`` (from :meth:`state_dict`)
         and let every callback resume (the EMA: ``cp=latest``, then ``cp=last``, then init)."""
         self._require(RunnerState.CREATED, "resume_from_checkpoint")
         if state_dict is not None:
             self.load_state_dict(state_dict)
-        self._call(Hook.RESUME_FROM_CHECKPOINT, **kwargs)
+        self._call(Hook.RESUME_FROM_CHECKPOINT, values)
 
-    def before_training(self, **kwargs) -> None:
+    def before_training(self, values: Mapping[str, Any] | None = None) -> None:
         """Collective: once, before the first update."""
         self._require(RunnerState.CREATED, "before_training")
         self.state = RunnerState.TRAINING
-        self._call(Hook.BEFORE_TRAINING, **kwargs)
+        self._call(Hook.BEFORE_TRAINING, values)
 
-    def after_update(self, num_samples: int | None = None, **kwargs) -> None:
+    def after_update(self, num_samples: int | None = None, values: Mapping[str, Any] | None = None) -> None:
         """Collective: after every ``optimizer.step()``.
 
         Counts the update (``num_samples`` over all ranks; default the effective batch
         size), ends the epoch when ``updates_per_epoch`` says so, and calls
         ``track_after_update_step``, ``after_update`` (and ``after_epoch``) on every
-        callback. ``kwargs`` (e.g. ``loss=...``) reach the update hooks.
+        callback. ``values`` (e.g. ``{"loss": loss}``) reach every hook of this call as ``values``.
         """
         self._require(RunnerState.TRAINING, "after_update")
         counter = self.update_counter
@@ -177,13 +175,13 @@ class CallbackRunner:
         ends_epoch = counter.is_full_epoch
         if ends_epoch:
             counter.next_epoch()
-        self._call(Hook.TRACK_AFTER_UPDATE_STEP, **kwargs)
-        self._call(Hook.AFTER_UPDATE, **kwargs)
+        self._call(Hook.TRACK_AFTER_UPDATE_STEP, values)
+        self._call(Hook.AFTER_UPDATE, values)
         if ends_epoch:
             self._epoch_closed_at = counter.update
-            self._call(Hook.AFTER_EPOCH, **kwargs)
+            self._call(Hook.AFTER_EPOCH, values)
 
-    def after_epoch(self, **kwargs) -> None:
+    def after_epoch(self, values: Mapping[str, Any] | None = None) -> None:
         """Collective: at the end of an epoch (a no-op when :meth:`after_update` just ended it)."""
         self._require(RunnerState.TRAINING, "after_epoch")
         counter = self.update_counter
@@ -196,20 +194,20 @@ class CallbackRunner:
             )
         counter.next_epoch()
         self._epoch_closed_at = counter.update
-        self._call(Hook.AFTER_EPOCH, **kwargs)
+        self._call(Hook.AFTER_EPOCH, values)
 
-    def at_eval(self, **kwargs) -> None:
+    def at_eval(self, values: Mapping[str, Any] | None = None) -> None:
         """Collective: run every callback's evaluation now (EMA children with EMA weights)."""
         if self.state is RunnerState.CREATED:
             raise RuntimeError("runner.at_eval() before before_training()")
-        self._call(Hook.AT_EVAL, **kwargs)
+        self._call(Hook.AT_EVAL, values)
 
-    def after_training(self, **kwargs) -> None:
+    def after_training(self, values: Mapping[str, Any] | None = None) -> None:
         """Collective: once, after the last update; flushes the metric writer."""
         self._require(RunnerState.TRAINING, "after_training")
         self.state = RunnerState.FINISHED
         try:
-            self._call(Hook.AFTER_TRAINING, **kwargs)
+            self._call(Hook.AFTER_TRAINING, values)
         finally:
             self.context.writer.flush()
             if self._owns_writer:

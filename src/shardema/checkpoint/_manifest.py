@@ -14,13 +14,13 @@ instant.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
 
 from .._shards import path_label
+from ..config import factors_match
 from ._format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -73,9 +73,9 @@ class Candidate:
 
 
 def saved_factor(manifest: dict, factor: float) -> float | None:
-    """The saved factor equal to ``factor`` (to 1e-12), or None."""
+    """The saved factor equal to ``factor`` (see ``config.FACTOR_MATCH_TOLERANCE``), or None."""
     for saved in manifest["factors"]:
-        if math.isclose(float(saved), float(factor), rel_tol=0, abs_tol=1e-12):
+        if factors_match(saved, factor):
             return float(saved)
     return None
 
@@ -124,7 +124,8 @@ def _check_coverage(fqn: str, factor, global_shape: list[int], pieces: list[tupl
 def validate_manifest(manifest, where: str = "manifest") -> None:
     """Raise :class:`ManifestError` unless ``manifest`` follows the schema and its pieces tile every tensor."""
     _require(isinstance(manifest, dict), f"{where} is not a JSON object")
-    _require(manifest.get("format") == FORMAT_NAME, f"{where}: format is {manifest.get('format')!r}, not {FORMAT_NAME!r}")
+    _require(manifest.get("format") == FORMAT_NAME,
+             f"{where}: format is {manifest.get('format')!r}, not {FORMAT_NAME!r}")
     version = manifest.get("format_version")
     _require(isinstance(version, int) and 1 <= version <= FORMAT_VERSION,
              f"{where}: format_version {version!r} is not supported (this shardema reads 1..{FORMAT_VERSION})")

@@ -32,8 +32,9 @@ import torch
 
 from .. import _dist
 from .._log import logger
-from .._schedule import DecaySchedule
 from .._shards import path_label
+from .._store import CheckpointLoad
+from ..config import DecaySchedule
 from ._format import RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32, validate_tag
 from ._io import file_crc32
 from ._manifest import Candidate, find_candidates, saved_factor
@@ -136,20 +137,20 @@ def _target_view(shadow: torch.Tensor, t, offset, shape) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _load(ema, candidate: Candidate) -> None:
+def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
     """Read this rank's slices of every tracked tensor and factor into the shadows."""
     from safetensors import safe_open
 
     reads: dict[Path, list] = {}
     for mp in ema.model_paths:
         version = candidate.versions[mp]
-        for t in ema.tracked([mp]):
+        for t in load.tracked([mp]):
             if t.local_numel == 0:
                 continue
             # Copied tensors have one shadow shared by all factors: read it once.
-            factors = ema.target_factors if ema._blends(t) else ema.target_factors[:1]
-            for factor in factors:
-                shadow = ema.shadow(factor, t.key)
+            factors = ema.target_factors if t.blended else ema.target_factors[:1]
+            for k, factor in enumerate(factors):
+                shadow = load.shadow(k, t.key)
                 covered = 0
                 for entry in version.files_of(saved_factor(version.manifest, factor)):
                     piece = entry["pieces"].get(t.fqn)
@@ -197,11 +198,11 @@ def _agreed_problems(mine: list[str], group) -> list[str]:
     return [p for share in _dist.all_gather_objects(mine, group=group) for p in share]
 
 
-def _load_first(ema, root: Path, tags) -> tuple[str | None, bool]:
-    """Collective: load the first intact candidate of ``tags``; ``(tag or None, shadows touched)``."""
+def _load_first(ema, load: CheckpointLoad, root: Path, tags) -> str | None:
+    """Collective: load the first intact candidate of ``tags`` through ``load``; its tag, or None."""
     group = ema.process_group
     rank, world = _dist.rank(group), _dist.world_size(group)
-    found = None
+    found: tuple[list[Candidate], list[str]] | str | None = None
     if rank == 0:
         try:
             found = _discover(root, ema.model_paths, tags)
@@ -214,22 +215,18 @@ def _load_first(ema, root: Path, tags) -> tuple[str | None, bool]:
     if rank == 0:
         for problem in problems:
             logger.warning("ignoring %s", problem)
-    touched = False
     for candidate in candidates:
         differences = structure_differences(ema, candidate)
         if differences:
-            if touched:
-                ema._initialise_from_live()
             raise CheckpointMismatchError(
                 f"the EMA checkpoint {candidate.describe()} does not match this EMA "
                 f"({len(differences)} difference(s)):\n  " + "\n  ".join(differences)
                 + "\nresume with the model and EMA options used for saving, or save to a new root")
         bad = _agreed_problems(_verify_share(ema, candidate, rank, world), group)
         if not bad:
-            touched = True
             error, unexpected = None, None
             try:
-                _load(ema, candidate)
+                _load(ema, load, candidate)
             except _CORRUPTION_ERRORS as exc:  # unreadable or failing a checksum: skip the candidate
                 error = f"rank {rank}: {type(exc).__name__}: {exc}"
             except Exception as exc:  # a bug or out of memory: not a reason to fall back silently
@@ -247,14 +244,10 @@ def _load_first(ema, root: Path, tags) -> tuple[str | None, bool]:
                 logger.warning("skipping EMA checkpoint %s: %s", candidate.describe(), "; ".join(bad))
             continue
         manifest = candidate.manifest
-        ema.step = int(manifest["step"])
-        saved = DecaySchedule.model_validate(manifest["schedule"])
-        if saved != ema.schedule:
-            logger.warning("the saved schedule %s replaces the configured %s", saved, ema.schedule)
-            ema.schedule = saved
-        logger.info("loaded EMA step %d from %s", ema.step, candidate.describe())
-        return candidate.tag, touched
-    return None, touched
+        load.adopt(int(manifest["step"]), DecaySchedule.model_validate(manifest["schedule"]))
+        logger.info("loaded EMA step %d from %s", int(manifest["step"]), candidate.describe())
+        return candidate.tag
+    return None
 
 
 @torch.no_grad()
@@ -265,24 +258,24 @@ def resume_ema(ema, root, strict: bool = False) -> str | None:
     weights (with a warning; ``strict=True`` raises ``FileNotFoundError`` instead).
     Corrupt or incomplete candidates are skipped with a warning naming the file.
     Raises :class:`CheckpointMismatchError` listing every difference when the saved
-    structure does not match the EMA.
+    structure does not match the EMA. A load that fails part-way never leaves
+    half-loaded shadows: they are reset to the live weights.
     """
-    ema._require_idle("resume")
     root = Path(root)
-    tag, touched = _load_first(ema, root, RESUME_ORDER)
-    if tag is not None:
-        return tag
-    tried = ", ".join(cp_dirname(t) for t in RESUME_ORDER)
-    if strict:
-        if touched:  # a failed load may have written part of the shadows
-            ema._initialise_from_live()
-        raise FileNotFoundError(f"no intact EMA checkpoint ({tried}) under {root} for model paths "
-                                f"{[path_label(m) for m in ema.model_paths]}; pass strict=False to start "
-                                "from the live weights")
-    ema._initialise_from_live()
-    if _dist.rank(ema.process_group) == 0:
-        logger.warning("no intact EMA checkpoint (%s) under %s: the EMA starts from the live weights", tried, root)
-    return None
+    with ema.loading("resume") as load:
+        tag = _load_first(ema, load, root, RESUME_ORDER)
+        if tag is not None:
+            return tag
+        tried = ", ".join(cp_dirname(t) for t in RESUME_ORDER)
+        if strict:
+            raise FileNotFoundError(f"no intact EMA checkpoint ({tried}) under {root} for model paths "
+                                    f"{[path_label(m) for m in ema.model_paths]}; pass strict=False to start "
+                                    "from the live weights")
+        load.reset_to_live()
+        if _dist.rank(ema.process_group) == 0:
+            logger.warning("no intact EMA checkpoint (%s) under %s: the EMA starts from the live weights", tried,
+                           root)
+        return None
 
 
 @torch.no_grad()
@@ -293,14 +286,12 @@ def load_ema(ema, root, tag: str) -> str:
     ``FileNotFoundError`` when the tag has no intact committed version (the shadows are
     then reset to the live weights if a failed read touched them). Returns the tag.
     """
-    ema._require_idle("load_ema")
     validate_tag(tag)
     root = Path(root)
-    loaded, touched = _load_first(ema, root, (tag,))
-    if loaded is None:
-        if touched:
-            ema._initialise_from_live()
-        raise FileNotFoundError(f"no intact EMA checkpoint {cp_dirname(tag)} under {root} for model paths "
-                                f"{[path_label(m) for m in ema.model_paths]}; list what exists with "
-                                f"`shardema inspect {root}`")
-    return loaded
+    with ema.loading("load_ema") as load:
+        loaded = _load_first(ema, load, root, (tag,))
+        if loaded is None:
+            raise FileNotFoundError(f"no intact EMA checkpoint {cp_dirname(tag)} under {root} for model paths "
+                                    f"{[path_label(m) for m in ema.model_paths]}; list what exists with "
+                                    f"`shardema inspect {root}`")
+        return loaded

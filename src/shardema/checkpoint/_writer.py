@@ -141,7 +141,7 @@ def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, wo
         pieces[t.fqn] = {
             "offset": list(t.global_offset), "shape": list(t.local_shape), "crc32": tensor_crc32(shadows[t.fqn]),
             "global_shape": list(t.global_shape), "dtype": dtype_name(shadows[t.fqn].dtype),
-            "blended": ema._blends(t), "is_buffer": t.is_buffer, "mesh_shape": _mesh_shape(t),
+            "blended": t.blended, "is_buffer": t.is_buffer, "mesh_shape": _mesh_shape(t),
             "placements": None if t.placements is None else str(tuple(t.placements)),
         }
     mesh_shapes = []
@@ -180,7 +180,7 @@ def _build_manifest(ema, mp, plan: dict, world: int, files: list[dict]) -> dict:
     for t in ema.tracked([mp]):
         shadow = ema.shadow(0, t.key)
         tensors[t.fqn] = {"global_shape": list(t.global_shape), "dtype": dtype_name(shadow.dtype),
-                          "blended": ema._blends(t), "is_buffer": t.is_buffer, "aliases": list(t.aliases)}
+                          "blended": t.blended, "is_buffer": t.is_buffer, "aliases": list(t.aliases)}
         if t.mesh is not None and _mesh_shape(t) not in mesh_shapes:
             mesh_shapes.append(_mesh_shape(t))
     return {

@@ -1,0 +1,312 @@
+"""Shadow storage and kernel plans: the narrow interface the swap and the checkpoint code use.
+
+A :class:`ShadowStore` owns, for one model and one set of options:
+
+- the tracked tensors (:class:`~shardema._shards.TrackedTensor`, re-resolved on use);
+- one flat ``[K, N]`` shadow buffer per (device, live dtype) group of blended tensors,
+  and one shared copy per copied tensor (integer buffers, buffers under ``copy``);
+- the foreach plans (:class:`~shardema._kernels.LerpPlan`), rebuilt only when a live
+  local tensor object was replaced (FSDP2 may do that), and the bounded upcast buffers.
+
+It knows nothing of steps, schedules or swap state: :class:`~shardema.ShardedEMA`
+owns those and is the only caller of the mutating methods except through
+:class:`CheckpointLoad`, the write access it hands to a checkpoint load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ._compat import module_children
+from ._kernels import CPU_BATCH_NUMEL, LerpPlan
+from ._shards import (
+    TrackedTensor,
+    collect,
+    frozen_parameters,
+    module_edges,
+    path_label,
+    registration_counts,
+    reshard_fsdp,
+)
+from .config import DecaySchedule, EMAConfig, check_model_paths
+
+Key = tuple[str | None, str]
+"""``(model_path, fqn)``: a tracked tensor's unique name."""
+
+
+class _Group:
+    """Shadows of the blended tensors of one (device, live dtype), in one flat [K, N] buffer."""
+
+    def __init__(self, members: list[TrackedTensor], num_factors: int, shadow_dtype: torch.dtype,
+                 device: torch.device):
+        self.members = members
+        self.shadow_dtype = shadow_dtype
+        total = sum(m.local_numel for m in members)
+        self.flat = torch.empty((num_factors, total), dtype=shadow_dtype, device=device)
+        self.views: list[list[torch.Tensor]] = [[] for _ in range(num_factors)]
+        offset = 0
+        for m in members:
+            for k in range(num_factors):
+                self.views[k].append(self.flat[k, offset:offset + m.local_numel].view(m.local_shape))
+            offset += m.local_numel
+        self.plan: LerpPlan | None = None
+        self.plan_lives: list[torch.Tensor] | None = None  # None: no plan built yet
+        self.plan_ptrs: list[int] = []
+
+
+def _same_tensors(lives: list[torch.Tensor], cached: list[torch.Tensor] | None, ptrs: list[int]) -> bool:
+    """Same tensor objects over the same storage (``p.data = x`` keeps the object, not the storage).
+
+    ``data_ptr()`` is host-side metadata: reading it never syncs with the device.
+    """
+    return (cached is not None and len(cached) == len(lives) and all(a is b for a, b in zip(lives, cached))
+            and all(a.data_ptr() == p for a, p in zip(lives, ptrs)))
+
+
+class ShadowStore:
+    """This rank's shadows of the tracked tensors of ``model`` (see the module docstring).
+
+    Args:
+        model: the live module.
+        config: the EMA's options (factors, model paths, dtypes, buffers policy, sizes).
+        process_group: the group the model is sharded over (replica dedupe on save).
+    """
+
+    def __init__(self, model: nn.Module, config: EMAConfig, process_group=None):
+        self.model = model
+        self.config = config
+        self.process_group = process_group
+        self.num_factors = len(config.target_factors)
+        reshard_fsdp(model)
+        self._tracked = self._collect()
+        self._by_key = {t.key: t for t in self._tracked}
+        self._build()
+        # Registered-tensor counts of every owning module: a cheap per-update check that
+        # nothing was added to or removed from them.
+        owners = {id(t.owner): t.owner for t in self._tracked}
+        self._owner_counts = [(m, registration_counts(m)) for m in owners.values()]
+        # Submodule registrations down to every owner: a replaced submodule would leave the
+        # EMA averaging a detached module.
+        self._edges = module_edges(model, list(owners.values()))
+        # Parameters left out because they were frozen: unfreezing one later is an error.
+        self._frozen = [] if config.include_frozen else frozen_parameters(model, config.model_paths)
+
+    def _collect(self) -> list[TrackedTensor]:
+        return collect(self.model, self.config.model_paths, include_frozen=self.config.include_frozen,
+                       buffers=self.config.buffers, group=self.process_group)
+
+    def _build(self) -> None:
+        shadow_dtype = self.config.torch_shadow_dtype
+        groups: dict[tuple[torch.device, torch.dtype], list[TrackedTensor]] = {}
+        self._copied: list[TrackedTensor] = []
+        for t in self._tracked:
+            if t.blended:
+                groups.setdefault((t.device, t.dtype), []).append(t)
+            else:
+                self._copied.append(t)
+        self._groups: list[_Group] = []
+        self._shadow_of: dict[Key, tuple[_Group, int]] = {}
+        for (device, dtype), members in groups.items():
+            group = _Group(members, self.num_factors, shadow_dtype or dtype, device)
+            self._groups.append(group)
+            for i, m in enumerate(members):
+                self._shadow_of[m.key] = (group, i)
+        # Copied tensors: one copy shared by all factors.
+        self._copies: dict[Key, torch.Tensor] = {
+            t.key: torch.empty(t.local_shape, dtype=t.dtype, device=t.device) for t in self._copied
+        }
+        self._copy_lives: list[torch.Tensor] | None = None
+        self._copy_ptrs: list[int] = []
+        self._copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._upcast: dict[torch.device, torch.Tensor] = {}
+        for group in self._groups:
+            device = group.flat.device
+            if any(m.dtype != group.shadow_dtype for m in group.members) and device not in self._upcast:
+                numel = max(1, self.config.upcast_buffer_bytes // group.flat.element_size())
+                want = max(1, max(m.local_numel for m in group.members))
+                if device.type == "cpu":  # one L2-sized batch per CPU worker (see _kernels)
+                    want = max(want, CPU_BATCH_NUMEL * torch.get_num_threads())
+                self._upcast[device] = torch.empty(min(numel, want), dtype=group.shadow_dtype, device=device)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def shadow_bytes(self) -> int:
+        """Bytes of shadow storage for blended tensors (all factors)."""
+        return sum(g.flat.numel() * g.flat.element_size() for g in self._groups)
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes held for copied tensors."""
+        return sum(t.numel() * t.element_size() for t in self._copies.values())
+
+    @property
+    def upcast_buffer_bytes(self) -> int:
+        """Bytes of the bounded upcast buffers (0 when live and shadow dtypes match)."""
+        return sum(t.numel() * t.element_size() for t in self._upcast.values())
+
+    # ------------------------------------------------------------------ lookup
+    def tracked(self, model_paths: Iterable[str | None] | str | None = None) -> list[TrackedTensor]:
+        """The tracked tensors, optionally only those of some model paths (validated)."""
+        if model_paths is None:
+            return list(self._tracked)
+        wanted = set(check_model_paths(model_paths))
+        unknown = [p for p in wanted if p not in self.config.model_paths]
+        if unknown:
+            raise ValueError(f"model paths {unknown} are not tracked by this EMA; tracked: "
+                             f"{list(self.config.model_paths)}")
+        return [t for t in self._tracked if t.model_path in wanted]
+
+    def tensor(self, key: Key) -> TrackedTensor:
+        """The tracked tensor named ``key``."""
+        return self._by_key[key]
+
+    def shadow(self, k: int, key: Key) -> torch.Tensor:
+        """The shadow of factor index ``k`` of ``key`` (a view; copied tensors share one)."""
+        if key in self._copies:
+            return self._copies[key]
+        group, i = self._shadow_of[key]
+        return group.views[k][i]
+
+    # ------------------------------------------------------------------ live tensors
+    def check_live(self, targets: Sequence[TrackedTensor], lives: Sequence[torch.Tensor]) -> None:
+        """Raise naming the FQN when a live local tensor changed shape or dtype."""
+        for t, live in zip(targets, lives):
+            if tuple(live.shape) != t.local_shape or live.dtype != t.dtype:
+                raise RuntimeError(
+                    f"the model's parameter set changed: {t.fqn!r} (model path {path_label(t.model_path)!r}) "
+                    f"now has local shape {tuple(live.shape)} and dtype {live.dtype}, expected "
+                    f"{t.local_shape} and {t.dtype}; create a new ShardedEMA after changing the model"
+                )
+
+    def resolve_lives(self, targets: Sequence[TrackedTensor]) -> list[torch.Tensor]:
+        """Reshard FSDP2 modules, then the current live local tensors of ``targets`` (checked)."""
+        reshard_fsdp(self.model)
+        lives = [t.local() for t in targets]
+        self.check_live(targets, lives)
+        return lives
+
+    def _resolved_plan(self, group: _Group) -> LerpPlan:
+        """The group's plan, rebuilt only when a live local tensor was replaced."""
+        lives = [t.local() for t in group.members]
+        if group.plan is not None and _same_tensors(lives, group.plan_lives, group.plan_ptrs):
+            return group.plan
+        # Something changed: FSDP2 may have left unsharded params (reshard and look again),
+        # replaced a local tensor, or the user assigned ``p.data`` (new views, same shadows;
+        # a changed shape or dtype raises naming the FQN).
+        lives = self.resolve_lives(group.members)
+        ptrs = [live.data_ptr() for live in lives]
+        if group.plan is not None and _same_tensors(lives, group.plan_lives, ptrs) and ptrs == group.plan_ptrs:
+            return group.plan
+        group.plan = LerpPlan(group.views, lives, chunk_numel=self.config.chunk_numel,
+                              scratch=self._upcast.get(group.flat.device))
+        group.plan_lives = lives
+        group.plan_ptrs = ptrs
+        return group.plan
+
+    def _copied_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(destinations, live sources) of the copied tensors; cached while the live tensors are unchanged."""
+        lives = [t.local() for t in self._copied]
+        if not _same_tensors(lives, self._copy_lives, self._copy_ptrs):
+            lives = self.resolve_lives(self._copied)
+            keep = [i for i, live in enumerate(lives) if live.numel() > 0]
+            self._copy_pairs = ([self._copies[self._copied[i].key] for i in keep], [lives[i] for i in keep])
+            self._copy_lives = lives
+            self._copy_ptrs = [live.data_ptr() for live in lives]
+        return self._copy_pairs
+
+    def check_structure(self) -> None:
+        """Raise naming the FQNs added to or removed from the tracked model paths.
+
+        Also raises when a submodule holding tracked tensors was replaced, or a
+        parameter left out as frozen (``include_frozen=False``) was unfrozen. Cheap when
+        nothing changed (registration counts of the owning modules, one dict lookup per
+        submodule on the way to them, one flag per frozen parameter; no device access).
+        A change the EMA does not track (a non-persistent buffer, an ignored buffer, a
+        frozen parameter with ``include_frozen=False``) only refreshes the counts.
+        """
+        for parent, name, child, path in self._edges:
+            if module_children(parent).get(name) is not child:
+                raise RuntimeError(
+                    f"submodule {path!r} was replaced (or removed) after the EMA was created, so the EMA would "
+                    "keep averaging the detached module; create a new ShardedEMA after changing the model "
+                    "(wrap modules, e.g. activation checkpointing, before creating it)")
+        for model_path, fqn, param in self._frozen:
+            if param.requires_grad:
+                raise RuntimeError(
+                    f"parameter {fqn!r} (model path {path_label(model_path)!r}) was unfrozen after the EMA was "
+                    "created with include_frozen=False, so it has no EMA; unfreeze before creating the "
+                    "ShardedEMA, or create it with include_frozen=True")
+        if all(registration_counts(m) == counts for m, counts in self._owner_counts):
+            return
+        reshard_fsdp(self.model)
+        now = {t.key for t in self._collect()}
+        before = set(self._by_key)
+        if now == before:
+            self._owner_counts = [(m, registration_counts(m)) for m, _ in self._owner_counts]
+            return
+        changes = [f"added {path_label(p)}:{f}" for p, f in sorted(now - before, key=str)]
+        changes += [f"removed {path_label(p)}:{f}" for p, f in sorted(before - now, key=str)]
+        raise RuntimeError(
+            "the model's parameter set changed since the EMA was created (" + ", ".join(changes) +
+            "); create a new ShardedEMA after changing the model's parameters"
+        )
+
+    # ------------------------------------------------------------------ mutation (owner: ShardedEMA)
+    @torch.no_grad()
+    def copy_from_live(self) -> None:
+        """Set every shadow (all factors) and every copy to the current live values."""
+        for group in self._groups:
+            self._resolved_plan(group).copy()
+        self.copy_copied()
+
+    @torch.no_grad()
+    def lerp(self, weights: Sequence[float]) -> None:
+        """Move the shadows of factor k towards the live values by ``weights[k]``; refresh the copies."""
+        for group in self._groups:
+            self._resolved_plan(group).lerp(weights)
+        self.copy_copied()
+
+    @torch.no_grad()
+    def copy_copied(self) -> None:
+        """Refresh the copied tensors (integer buffers, buffers under ``copy``) from the live model."""
+        dsts, srcs = self._copied_pairs()
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+
+
+class CheckpointLoad:
+    """Write access to the shadows for one checkpoint load, adopted all at once or not at all.
+
+    Handed out by :meth:`shardema.ShardedEMA.loading`. The loader writes shadows through
+    :meth:`shadow` (which records that the shadows were touched) and calls :meth:`adopt`
+    with the loaded step and schedule once every value is in place. When the block
+    ends, the EMA adopts the step and schedule if :meth:`adopt` was called; otherwise, if
+    shadows were touched (a failed or partial load) or :meth:`reset_to_live` was asked,
+    every shadow is reset to the live weights, so a half-loaded EMA never survives.
+    """
+
+    def __init__(self, store: ShadowStore):
+        self.store = store
+        self.touched = False
+        self.reset_requested = False
+        self.adopted: tuple[int, DecaySchedule | None] | None = None
+
+    def tracked(self, model_paths: Iterable[str | None] | str | None = None) -> list[TrackedTensor]:
+        """The tracked tensors (see :meth:`ShadowStore.tracked`)."""
+        return self.store.tracked(model_paths)
+
+    def shadow(self, k: int, key: Key) -> torch.Tensor:
+        """The shadow of factor index ``k`` of ``key``, to be written."""
+        self.touched = True
+        return self.store.shadow(k, key)
+
+    def adopt(self, step: int, schedule: DecaySchedule | None) -> None:
+        """Every shadow is loaded: at the end of the block the EMA takes this step and schedule."""
+        self.adopted = (int(step), schedule)
+
+    def reset_to_live(self) -> None:
+        """At the end of the block, reset every shadow to the live weights (nothing was loaded)."""
+        self.reset_requested = True

@@ -1,0 +1,279 @@
+"""Every EMA option in one frozen pydantic model: :class:`EMAConfig` (and its :class:`DecaySchedule`).
+
+The same fields reach shardema three ways, with one validation:
+
+- Python: ``ShardedEMA(model, EMAConfig(target_factors=[0.999], schedule="warmup"))``;
+- keywords: ``ShardedEMA(model, [0.999], schedule="warmup")`` builds the same config;
+- YAML: an ``EmaCallback`` entry (``EmaCallbackConfig`` subclasses :class:`EMAConfig`).
+
+Nothing here holds torch state; torch is imported only to name dtypes.
+
+[Note: step numbering]
+``n`` in the schedules is the number of ``update()`` calls made since averaging
+began, i.e. ``ema.step - start_step`` at the time of the call (0 for the first
+averaged call). Calls before ``start_step`` copy the live weights into the
+shadows; after it an update is applied on every ``update_every``-th call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+ScheduleKind = Literal["constant", "warmup", "power"]
+BufferPolicy = Literal["copy", "average", "ignore"]
+ShadowDtypeName = Literal["float32", "float64", "bfloat16", "float16", "live"]
+
+SHADOW_DTYPES: dict[str, torch.dtype | None] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "live": None,  # each shadow in its live tensor's dtype
+}
+
+DEFAULT_UPCAST_BUFFER_BYTES = 32 * 2**20
+"""Default bound of the buffer that upcasts bf16/fp16 live shards for fp32 shadows in ``update()``."""
+DEFAULT_EXCHANGE_BUFFER_BYTES = 64 * 2**20
+"""Default bound of the buffer through which ``swapped()`` exchanges live and EMA values in place."""
+DEFAULT_CHUNK_NUMEL = 2**18
+
+SCHEDULE_FIELDS = ("inv_gamma", "power", "update_every", "start_step")
+"""Schedule options that may also be given flat, beside ``schedule`` (keywords, YAML)."""
+
+RENAMED_OPTIONS = {
+    "upcast_scratch_bytes": "upcast_buffer_bytes",
+    "scratch_bytes": "exchange_buffer_bytes",
+}
+"""Option names of shardema 0.1 that were renamed: old -> new (the old ones are rejected, naming the new)."""
+
+FACTOR_MATCH_TOLERANCE = 1e-12
+"""Two factors closer than this are the same factor in lookups (``swapped(0.9999)``, checkpoints);
+factors of one EMA must therefore be further apart."""
+
+
+def factors_match(a: float, b: float) -> bool:
+    """True when ``a`` and ``b`` name the same factor (see :data:`FACTOR_MATCH_TOLERANCE`)."""
+    return abs(float(a) - float(b)) <= FACTOR_MATCH_TOLERANCE
+
+
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
+
+
+def check_factors(target_factors: Any) -> tuple[float, ...]:
+    """Validate target factors: one decay or a list of them, each in (0, 1), no duplicates."""
+    if isinstance(target_factors, (int, float)) and not isinstance(target_factors, bool):
+        target_factors = [target_factors]
+    if isinstance(target_factors, (str, bytes, bool)) or not isinstance(target_factors, Sequence):
+        raise ValueError(f"target_factors={target_factors!r} must be a decay or a list of decays in (0, 1), "
+                         "e.g. [0.999, 0.9999]")
+    factors = []
+    for f in target_factors:
+        if isinstance(f, bool) or not isinstance(f, (int, float)):
+            raise ValueError(f"target factor {f!r} is not a number; give decays in (0, 1) such as 0.9999")
+        factors.append(float(f))
+    if not factors:
+        raise ValueError("target_factors is empty; give at least one decay in (0, 1), e.g. [0.9999]")
+    for f in factors:
+        if math.isnan(f) or not (0.0 < f < 1.0):
+            raise ValueError(f"target factor {f!r} is outside (0, 1); use a decay such as 0.999 or 0.9999")
+    ordered = sorted(factors)
+    duplicated = sorted({a for a, b in itertools.pairwise(ordered) if a == b})
+    if duplicated:
+        raise ValueError(f"target factors {duplicated} are given more than once; give each decay once")
+    close = [(a, b) for a, b in itertools.pairwise(ordered) if factors_match(a, b)]
+    if close:
+        a, b = close[0]
+        raise ValueError(f"target factors {a!r} and {b!r} differ by {b - a:.3g}, less than "
+                         f"{FACTOR_MATCH_TOLERANCE:g}, so lookups cannot tell them apart; keep one of them")
+    return tuple(factors)
+
+
+def _is_dotted_path(path: object) -> bool:
+    return (isinstance(path, str) and bool(path) and path == path.strip(".") and ".." not in path
+            and not any(c.isspace() for c in path))
+
+
+def check_model_paths(model_paths: Any) -> tuple[str | None, ...]:
+    """Validate model paths: ``None`` (whole model), one dotted path, or disjoint dotted paths."""
+    if model_paths is None:
+        return (None,)
+    if isinstance(model_paths, str):
+        model_paths = [model_paths]
+    if not isinstance(model_paths, Sequence):
+        raise ValueError(f"model_paths={model_paths!r} must be None, a dotted path or a list of them")
+    paths = list(model_paths)
+    if not paths:
+        raise ValueError("model_paths is empty; pass None to average the whole model")
+    for path in paths:
+        if path is not None and not _is_dotted_path(path):
+            raise ValueError(f"model path {path!r} is not a dotted submodule path such as 'encoder' or 'blocks.0'")
+    for i, a in enumerate(paths):
+        for b in paths[i + 1:]:
+            if a is None or b is None or a == b or b.startswith(a + ".") or a.startswith(b + "."):
+                shown_a = "None (the whole model)" if a is None else repr(a)
+                shown_b = "None (the whole model)" if b is None else repr(b)
+                raise ValueError(
+                    f"model paths {shown_a} and {shown_b} overlap; give disjoint submodules "
+                    "(e.g. 'encoder' and 'decoder'), each parameter may belong to one path only"
+                )
+    return tuple(paths)
+
+
+class DecaySchedule(BaseModel):
+    """When and how strongly the EMA is updated (a pure function of the step; see [Note: step numbering]).
+
+    - ``constant`` (default): decay = factor.
+    - ``warmup``: decay = min(factor, (1 + n) / (10 + n)): early steps move fast.
+    - ``power``: decay = min(factor, 1 - (1 + n / inv_gamma) ** -power); ``power=2/3`` suits
+      runs of ~1M steps, ``power=3/4`` shorter ones (as in Karras et al.).
+    - ``update_every=k``: average on every k-th call only.
+    - ``start_step=s``: calls before ``s`` make the shadow track (copy) the live weights.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ScheduleKind = "constant"
+    """The decay formula: ``constant``, ``warmup`` or ``power``."""
+    inv_gamma: float = Field(1.0, gt=0)
+    """``power`` schedule: the step scale (1 for most runs)."""
+    power: float = Field(2 / 3, gt=0)
+    """``power`` schedule: the exponent (2/3 for ~1M steps, 3/4 for shorter runs)."""
+    update_every: PositiveInt = 1
+    """Average on every k-th ``update()`` call only (the calls in between change nothing)."""
+    start_step: NonNegativeInt = 0
+    """Calls before this step copy the live weights instead of averaging."""
+
+    def is_tracking(self, step: int) -> bool:
+        """True when the call at ``step`` copies live weights (before ``start_step``)."""
+        return step < self.start_step
+
+    def is_update_step(self, step: int) -> bool:
+        """True when the call at ``step`` applies an EMA update."""
+        return step >= self.start_step and (step - self.start_step) % self.update_every == 0
+
+    def decay(self, factor: float, step: int) -> float:
+        """Decay used by the call at ``step`` for target ``factor`` (see [Note: step numbering])."""
+        n = max(0, step - self.start_step)
+        if self.kind == "constant":
+            return factor
+        if self.kind == "warmup":
+            return min(factor, (1 + n) / (10 + n))
+        return min(factor, 1.0 - (1.0 + n / self.inv_gamma) ** (-self.power))
+
+
+class EMAConfig(BaseModel):
+    """Every option of a :class:`~shardema.ShardedEMA`, validated once; frozen.
+
+    ``ShardedEMA(model, EMAConfig(...))`` and ``ShardedEMA(model, factors, **fields)``
+    build the same EMA; ``EmaCallbackConfig`` (YAML) has the same fields. The schedule
+    options ``inv_gamma``, ``power``, ``update_every`` and ``start_step`` may be given
+    flat, beside ``schedule``; they end up in :attr:`schedule`. Round-trips through
+    ``model_dump_json()`` / ``model_validate_json()`` and YAML.
+
+    Example::
+
+        cfg = EMAConfig(target_factors=[0.999, 0.9999], schedule="warmup", update_every=2)
+        cfg.schedule            # DecaySchedule(kind='warmup', update_every=2, ...)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_factors: tuple[float, ...]
+    """Decays in (0, 1), distinct (one number is accepted). Typical: 0.999 for ~10k-step runs,
+    0.9999 for ~100k+ steps. All factors are updated by the same fused kernel."""
+    model_paths: tuple[str | None, ...] = (None,)
+    """Dotted submodule paths averaged separately (``None``: the whole model). Keys are FQNs
+    relative to each path, wrapper prefixes (``module.``, ``_orig_mod.``) removed."""
+    shadow_dtype: ShadowDtypeName = "float32"
+    """Dtype of the shadows: ``float32`` (default), ``float64``, ``bfloat16``, ``float16`` or ``live``
+    (each tensor's own dtype). A torch dtype is accepted too."""
+    buffers: BufferPolicy = "copy"
+    """``copy`` (buffers follow the live model), ``average`` (float buffers are averaged like
+    parameters, integer ones copied) or ``ignore``."""
+    schedule: DecaySchedule = DecaySchedule()
+    """The decay schedule: a :class:`DecaySchedule`, a mapping, or just its kind (``"warmup"``)."""
+    include_frozen: StrictBool = True
+    """Also average parameters with ``requires_grad=False``."""
+    upcast_buffer_bytes: PositiveInt = DEFAULT_UPCAST_BUFFER_BYTES
+    """Bound of the per-device buffer that upcasts bf16/fp16 live shards for fp32 shadows in
+    ``update()`` (allocated once; 0 bytes when live and shadow dtypes match)."""
+    exchange_buffer_bytes: PositiveInt = DEFAULT_EXCHANGE_BUFFER_BYTES
+    """Default bound of the per-device buffer through which ``swapped()`` exchanges live and EMA
+    values in place (allocated for the duration of a swap)."""
+    chunk_numel: PositiveInt = DEFAULT_CHUNK_NUMEL
+    """Chunk size (elements) that orders multi-factor updates for cache reuse."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_schedule_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        renamed = [k for k in data if k in RENAMED_OPTIONS]
+        if renamed:
+            raise ValueError("; ".join(f"option {k!r} was renamed to {RENAMED_OPTIONS[k]!r}" for k in renamed))
+        flat = {k: data[k] for k in SCHEDULE_FIELDS if k in data}
+        if not flat:
+            return data
+        data = {k: v for k, v in data.items() if k not in flat}
+        schedule = data.get("schedule", "constant")
+        if isinstance(schedule, str):
+            schedule = {"kind": schedule}
+        elif isinstance(schedule, DecaySchedule):
+            schedule = schedule.model_dump(exclude_unset=True)
+        if not isinstance(schedule, dict):
+            return {**data, **flat}  # let field validation report the bad schedule
+        both = sorted(set(flat) & set(schedule))
+        if both:
+            raise ValueError(f"{', '.join(both)} given both flat and inside schedule; give each option once")
+        data["schedule"] = {**schedule, **flat}
+        return data
+
+    @field_validator("target_factors", mode="before")
+    @classmethod
+    def _check_factors(cls, value: Any) -> tuple[float, ...]:
+        return check_factors(value)
+
+    @field_validator("model_paths", mode="before")
+    @classmethod
+    def _check_model_paths(cls, value: Any) -> tuple[str | None, ...]:
+        return check_model_paths(value)
+
+    @field_validator("shadow_dtype", mode="before")
+    @classmethod
+    def _dtype_to_name(cls, value: Any) -> Any:
+        if value is None:
+            return "live"
+        if isinstance(value, torch.dtype):
+            for name, dtype in SHADOW_DTYPES.items():
+                if dtype == value:
+                    return name
+            raise ValueError(f"shadow_dtype={value!r} is not a floating dtype shardema keeps shadows in; "
+                             f"use one of {[n for n in SHADOW_DTYPES if n != 'live']} or 'live'")
+        return value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _kind_to_schedule(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @property
+    def torch_shadow_dtype(self) -> torch.dtype | None:
+        """:attr:`shadow_dtype` as a torch dtype (``None`` for ``live``)."""
+        return SHADOW_DTYPES[self.shadow_dtype]
+
+    def ema_options(self) -> dict[str, Any]:
+        """The fields of :class:`EMAConfig` only (for subclasses that add their own)."""
+        return {name: getattr(self, name) for name in EMAConfig.model_fields}
+
+    def to_ema_config(self) -> EMAConfig:
+        """This config as a plain :class:`EMAConfig` (drops a subclass's extra fields)."""
+        if type(self) is EMAConfig:
+            return self
+        return EMAConfig(**self.ema_options())

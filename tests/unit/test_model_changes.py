@@ -1,0 +1,93 @@
+"""What the EMA refuses at creation, and the model changes update() detects after it (one process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from shardema import EMAConfig, ShardedEMA
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_factors_closer_than_the_lookup_tolerance_are_rejected():
+    with pytest.raises(ValueError, match="lookups cannot tell them apart"):
+        EMAConfig(target_factors=[0.5, 0.5 + 1e-13])
+    with pytest.raises(ValueError, match="lookups cannot tell them apart"):
+        ShardedEMA(_model(), [0.9, 0.99, 0.9 + 5e-13])
+    ema = ShardedEMA(_model(), [0.5, 0.5 + 1e-9])  # far enough apart: each found exactly
+    assert ema.factor_index(0.5) == 0 and ema.factor_index(0.5 + 1e-9) == 1
+
+
+def test_many_factors_validate_in_linear_time():
+    factors = [0.5 + i * 1e-6 for i in range(20_000)]
+    assert len(EMAConfig(target_factors=factors).target_factors) == 20_000
+
+
+def test_complex_parameters_are_refused_at_creation():
+    model = _model()
+    model.register_parameter("phase", nn.Parameter(torch.zeros(3, dtype=torch.complex64)))
+    with pytest.raises(NotImplementedError, match="'phase'.*complex.*view_as_real"):
+        ShardedEMA(model, [0.9])
+
+
+def test_a_meta_device_model_is_refused_naming_to_empty():
+    with torch.device("meta"):
+        model = _model()
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        ShardedEMA(model, [0.9])
+
+
+def test_assigning_param_data_is_followed_by_the_next_update():
+    model = _model()
+    ema = ShardedEMA(model, [0.5])
+    ema.update()  # the cached plan now holds views of the original storage
+    weight = model[0].weight
+    before = ema.shadow(0.5, (None, "0.weight")).clone()
+    weight.data = torch.full_like(weight, 5.0)  # same Parameter object, new storage
+    ema.update()
+    expected = 0.5 * before + 0.5 * 5.0
+    torch.testing.assert_close(ema.shadow(0.5, (None, "0.weight")), expected, rtol=0, atol=1e-6)
+
+
+def test_a_dtype_change_after_creation_raises_naming_the_fqn():
+    model = _model()
+    ema = ShardedEMA(model, [0.9])
+    ema.update()
+    model.half()  # Module._apply assigns p.data: the Parameter objects stay the same
+    with pytest.raises(RuntimeError, match=r"'0.weight'.*dtype torch.float16"):
+        ema.update()
+
+
+def test_a_replaced_submodule_raises_naming_its_path():
+    model = _model()
+    ema = ShardedEMA(model, [0.9])
+    ema.update()
+    model[2] = nn.Linear(4, 2)  # same parameter names and shapes, a different module
+    with pytest.raises(RuntimeError, match=r"submodule '2' was replaced"):
+        ema.update()
+    nested = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 1))
+    ema = ShardedEMA(nested, [0.9])
+    nested[0][0] = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match=r"submodule '0.0' was replaced"):
+        ema.update()
+
+
+def test_unfreezing_a_parameter_left_out_as_frozen_raises_naming_it():
+    model = _model()
+    model[0].bias.requires_grad_(False)
+    ema = ShardedEMA(model, [0.9], include_frozen=False)
+    assert (None, "0.bias") not in {t.key for t in ema.tracked()}
+    ema.update()
+    model[0].bias.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"'0.bias'.*was unfrozen.*include_frozen=True"):
+        ema.update()
+    # Freezing a tracked parameter is fine: it keeps being averaged.
+    model = _model()
+    ema = ShardedEMA(model, [0.9], include_frozen=False)
+    model[0].weight.requires_grad_(False)
+    ema.update()
