@@ -317,7 +317,7 @@ def test_a_crash_at_any_rename_leaves_the_old_or_the_new_save(tmp_path, monkeypa
         outcomes.add(fresh.step)
         # the next save cleans up, the other tag survives
         ema.save(root, "latest")
-        names = sorted(p.name for mp in paths for p in (root / mp).iterdir())
+        names = sorted(p.name for mp in paths for p in (root / mp).iterdir() if p.name.startswith("cp="))
         assert names == ["cp=E1_U1_S1", "cp=E1_U1_S1", "cp=latest", "cp=latest"], (k, names)
         assert fresh.resume(root) == "latest" and fresh.step == 3
         assert_state(fresh, new)
@@ -343,8 +343,10 @@ def test_next_save_removes_leftovers_and_keeps_user_data(tmp_path):
     assert fresh.resume(tmp_path) == "latest" and fresh.step == 1  # read from cp=latest.old
     train(model, ema, 1)
     ema.save(tmp_path, "last")  # any save cleans up
-    assert sorted(p.name for p in label.iterdir()) == ["cp=E0_U1_S1", "cp=last", "cp=latest", "notes.txt"]
-    assert fresh.resume(tmp_path) == "latest" and fresh.step == 1
+    assert sorted(p.name for p in label.iterdir()) == [".shardema-writer.lock", "cp=E0_U1_S1", "cp=last", "cp=latest",
+                                                     "notes.txt"]
+    assert fresh.resume(tmp_path) == "last" and fresh.step == 2  # the newest intact version wins
+    assert load_ema(fresh, tmp_path, "latest") == "latest" and fresh.step == 1  # the cleaned-up cp=latest
 
 
 # ----------------------------------------------------------------------------- consolidation and CLI

@@ -21,8 +21,8 @@ OLD_SUFFIX = ".old"
 STAGING_MARK = ".tmp-"
 RESUME_ORDER = ("latest", "last")
 
-_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
-_RANK_FILE_RE = re.compile(r"^rank-(\d{5,})-of-(\d{5,})\.safetensors$")
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")  # used with fullmatch: no trailing newline
+_RANK_FILE_RE = re.compile(r"rank-(\d{5,})-of-(\d{5,})\.safetensors")
 
 # torch dtype <-> safetensors dtype code (only the dtypes safetensors defines).
 _ST_DTYPES: dict[torch.dtype, str] = {
@@ -39,7 +39,7 @@ _TORCH_DTYPES = {code: dtype for dtype, code in _ST_DTYPES.items()}
 
 def validate_tag(tag) -> str:
     """Check a checkpoint tag: 1-128 letters, digits, ``_`` or ``-``, starting with a letter or digit."""
-    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
         raise ValueError(
             f"checkpoint tag {tag!r} is not valid: use 1-128 letters, digits, '_' or '-', starting with a "
             "letter or digit, e.g. 'latest', 'last' or 'E3_U300_S9600' ('.', '/' and '=' are reserved)"
@@ -84,16 +84,16 @@ def parse_cp_dirname(name: str) -> tuple[str, str] | None:
     body = name[3:]
     if STAGING_MARK in body:
         tag, _, save_id = body.partition(STAGING_MARK)
-        return (tag, "staging") if _TAG_RE.match(tag) and save_id else None
+        return (tag, "staging") if _TAG_RE.fullmatch(tag) and save_id else None
     if body.endswith(OLD_SUFFIX):
         tag = body[: -len(OLD_SUFFIX)]
-        return (tag, "old") if _TAG_RE.match(tag) else None
-    return (body, "committed") if _TAG_RE.match(body) else None
+        return (tag, "old") if _TAG_RE.fullmatch(tag) else None
+    return (body, "committed") if _TAG_RE.fullmatch(body) else None
 
 
 def parse_rank_filename(name: str) -> tuple[int, int] | None:
     """``(rank, world_size)`` of a rank file name, else None."""
-    match = _RANK_FILE_RE.match(name)
+    match = _RANK_FILE_RE.fullmatch(name)
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 

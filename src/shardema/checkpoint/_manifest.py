@@ -16,20 +16,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .._shards import path_label
-from ..config import factors_match
+from ..config import DecaySchedule, check_factors, check_model_paths, factors_match
 from ._format import (
-    FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    box_overlap,
     cp_dirname,
     dtype_from_name,
+    ema_dirname,
     numel,
     old_dirname,
     parse_rank_filename,
+    validate_tag,
 )
 
 
@@ -85,84 +89,188 @@ def _require(cond: bool, message: str) -> None:
         raise ManifestError(message)
 
 
-def _check_box(values, rank: int, what: str) -> None:
-    _require(isinstance(values, list) and len(values) == rank and all(isinstance(v, int) and v >= 0 for v in values),
-             f"{what} must be a list of {rank} non-negative ints, got {values!r}")
+# ---------------------------------------------------------------------- the schema
+# [Note: manifests are untrusted]
+# A manifest is read from disk and may be damaged or hostile. It is parsed with a
+# typed schema (sizes and depth bounded) before anything uses it, so every malformed
+# manifest is "corrupt" (the version is skipped with a warning naming the field), and
+# no value read from it can name a path outside the checkpoint root: model paths are
+# dotted submodule paths, file paths are ``ema=<factor>/rank-R-of-W.safetensors``.
+
+MAX_MANIFEST_BYTES = 1 << 30
+"""A manifest larger than this is corrupt (16,384 ranks x 1,000 tensors stay well below)."""
+_MAX_DIMS = 64
+_HEX = r"^[0-9a-f]{1,16}$"
+
+NonNegative = Annotated[int, Field(ge=0)]
+Box = Annotated[list[NonNegative], Field(max_length=_MAX_DIMS)]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+class PieceEntry(_Schema):
+    """Where one stored piece lies in its global tensor, and its checksum."""
+
+    offset: Box
+    shape: Box
+    crc32: Annotated[str, Field(pattern=_HEX)]
+
+
+class FileEntry(_Schema):
+    """One rank's file of one factor."""
+
+    path: Annotated[str, Field(max_length=256)]
+    factor: float
+    rank: NonNegative
+    size: NonNegative
+    crc32: Annotated[str, Field(pattern=_HEX)]
+    pieces: dict[str, PieceEntry]
+
+
+class TensorEntry(_Schema):
+    """One tensor of the tensor table."""
+
+    global_shape: Box
+    dtype: str
+    blended: bool = True
+    is_buffer: bool = False
+    aliases: list[str] = []
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        dtype_from_name(value)
+        return value
+
+
+class ManifestSchema(_Schema):
+    """The manifest of one committed ``cp=<tag>`` directory (see docs/checkpoint-format.md)."""
+
+    format: Literal["shardema-ema"]
+    format_version: int
+    save_id: Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{1,64}$")]
+    tag: str
+    model_path: str | None
+    model_paths: list[str | None]
+    step: NonNegative
+    schedule: DecaySchedule
+    factors: list[float]
+    world_size: Annotated[int, Field(ge=1)]
+    tensors: dict[str, TensorEntry]
+    files: list[FileEntry]
+    created_unix: float | None = None
+    mesh_shapes: list[list[NonNegative]] = []
+
+    @field_validator("format_version")
+    @classmethod
+    def _supported(cls, value: int) -> int:
+        if not 1 <= value <= FORMAT_VERSION:
+            raise ValueError(f"format_version {value!r} is not supported (this shardema reads 1..{FORMAT_VERSION})")
+        return value
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, value: str) -> str:
+        return validate_tag(value)
+
+    @field_validator("model_paths")
+    @classmethod
+    def _paths(cls, value: list[str | None]) -> list[str | None]:
+        return list(check_model_paths(value))
+
+    @field_validator("factors")
+    @classmethod
+    def _factors(cls, value: list[float]) -> list[float]:
+        return list(check_factors(value))
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_from_json(cls, value: Any) -> Any:
+        # DecaySchedule is a pydantic model; JSON gives a mapping (strict mode would refuse it).
+        return DecaySchedule.model_validate(value, strict=False) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _own_path_listed(self) -> ManifestSchema:
+        if self.model_path not in self.model_paths:
+            raise ValueError(f"model_path {self.model_path!r} is not in model_paths {self.model_paths}")
+        return self
+
+
+def _schema_error(where: str, exc: ValidationError) -> ManifestError:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+    return ManifestError(f"{where}: field {field}: {first['msg']}{more}")
 
 
 def _check_coverage(fqn: str, factor, global_shape: list[int], pieces: list[tuple[list, list, str]]) -> None:
-    """Pieces must tile the global box exactly: inside it, no overlap, no gap."""
+    """Pieces must tile the global box exactly: inside it, no overlap, no gap.
+
+    Memory proportional to the number of pieces: the pieces tile the box exactly when
+    they lie inside it, are pairwise disjoint and their volumes add up to the box's.
+    Disjointness is checked with a sweep along the dimension where the pieces' starts
+    differ most (for sharded layouts each piece then meets only its neighbours).
+    """
+    rank = len(global_shape)
     for offset, shape, where in pieces:
-        _check_box(offset, len(global_shape), f"{where}: {fqn!r} offset")
-        _check_box(shape, len(global_shape), f"{where}: {fqn!r} shape")
+        _require(len(offset) == rank and len(shape) == rank,
+                 f"{where}: piece of {fqn!r} has offset {offset} and shape {shape}, but the tensor has {rank} dims")
         _require(all(o + s <= g for o, s, g in zip(offset, shape, global_shape)),
                  f"{where}: piece of {fqn!r} at offset {offset} with shape {shape} lies outside {global_shape}")
     if not global_shape:
         _require(len(pieces) == 1, f"factor {factor}: scalar {fqn!r} is stored {len(pieces)} times, expected once")
         return
-    if numel(global_shape) == 0:
+    total = numel(global_shape)
+    if total == 0:
         return
-    # Count coverage on the grid the pieces' boundaries induce (exact, and small for sharded layouts).
-    cuts = []
-    for d, size in enumerate(global_shape):
-        points = {0, size}
-        for offset, shape, _ in pieces:
-            if numel(shape):
-                points.update((offset[d], offset[d] + shape[d]))
-        cuts.append(sorted(points))
-    index = [{p: i for i, p in enumerate(c)} for c in cuts]
-    counts = torch.zeros([len(c) - 1 for c in cuts], dtype=torch.int32)
-    for offset, shape, _ in pieces:
-        if numel(shape):
-            box = tuple(slice(index[d][offset[d]], index[d][offset[d] + shape[d]]) for d in range(len(shape)))
-            counts[box] += 1
-    _require(bool((counts == 1).all()),
-             f"factor {factor}: the pieces of {fqn!r} do not tile its global shape {global_shape} "
-             f"({int((counts == 0).sum())} gap cell(s), {int((counts > 1).sum())} overlapping cell(s))")
+    boxes = [(offset, shape, where) for offset, shape, where in pieces if numel(shape)]
+    covered = sum(numel(shape) for _, shape, _ in boxes)
+    if boxes:
+        sweep = max(range(rank), key=lambda d: len({offset[d] for offset, _, _ in boxes}))
+        boxes.sort(key=lambda b: b[0][sweep])
+        active: list[tuple[list, list, str]] = []
+        for box in boxes:
+            start = box[0][sweep]
+            active = [a for a in active if a[0][sweep] + a[1][sweep] > start]
+            for other in active:
+                if box_overlap(box[0], box[1], other[0], other[1]) is not None:
+                    raise ManifestError(
+                        f"factor {factor}: the pieces of {fqn!r} overlap: {other[2]} at offset {other[0]} shape "
+                        f"{other[1]} and {box[2]} at offset {box[0]} shape {box[1]}")
+            active.append(box)
+    _require(covered == total,
+             f"factor {factor}: the pieces of {fqn!r} do not tile its global shape {global_shape}: they cover "
+             f"{covered} of {total} elements (a gap)")
 
 
 def validate_manifest(manifest, where: str = "manifest") -> None:
     """Raise :class:`ManifestError` unless ``manifest`` follows the schema and its pieces tile every tensor."""
     _require(isinstance(manifest, dict), f"{where} is not a JSON object")
-    _require(manifest.get("format") == FORMAT_NAME,
-             f"{where}: format is {manifest.get('format')!r}, not {FORMAT_NAME!r}")
-    version = manifest.get("format_version")
-    _require(isinstance(version, int) and 1 <= version <= FORMAT_VERSION,
-             f"{where}: format_version {version!r} is not supported (this shardema reads 1..{FORMAT_VERSION})")
-    for key, kind in (("save_id", str), ("tag", str), ("step", int), ("schedule", dict), ("factors", list),
-                      ("world_size", int), ("tensors", dict), ("files", list), ("model_paths", list)):
-        _require(isinstance(manifest.get(key), kind), f"{where}: key {key!r} is missing or not a {kind.__name__}")
-    _require("model_path" in manifest, f"{where}: key 'model_path' is missing")
-    factors = manifest["factors"]
-    _require(factors and all(isinstance(f, float) for f in factors), f"{where}: factors {factors!r} are not floats")
-    tensors = manifest["tensors"]
-    for fqn, info in tensors.items():
-        _require(isinstance(info, dict) and isinstance(info.get("global_shape"), list)
-                 and isinstance(info.get("dtype"), str), f"{where}: tensor entry of {fqn!r} is malformed")
-        dtype_from_name(info["dtype"])
-        _check_box(info["global_shape"], len(info["global_shape"]), f"{where}: {fqn!r} global_shape")
+    try:
+        schema = ManifestSchema.model_validate(manifest)
+    except ValidationError as exc:
+        raise _schema_error(where, exc) from None
+    factors = schema.factors
     pieces: dict[tuple[float, str], list] = {}
     seen_paths = set()
-    for entry in manifest["files"]:
-        _require(isinstance(entry, dict), f"{where}: a file entry is not an object")
-        path = entry.get("path")
-        _require(isinstance(path, str), f"{where}: file entry without a path")
+    for entry in schema.files:
+        path = entry.path
         parts = PurePosixPath(path).parts
-        _require(len(parts) == 2 and parts[0].startswith("ema=") and parse_rank_filename(parts[1]) is not None,
-                 f"{where}: file path {path!r} is not 'ema=<factor>/rank-RRRRR-of-WWWWW.safetensors'")
+        well_formed = len(parts) == 2 and parts[0] == ema_dirname(entry.factor)
+        _require(well_formed and parse_rank_filename(parts[-1]) is not None,
+                 f"{where}: file path {path!r} is not 'ema=<factor>/rank-RRRRR-of-WWWWW.safetensors' "
+                 "(with its own factor)")
         _require(path not in seen_paths, f"{where}: file {path!r} is listed twice")
         seen_paths.add(path)
-        _require(isinstance(entry.get("size"), int) and isinstance(entry.get("crc32"), str)
-                 and isinstance(entry.get("pieces"), dict) and isinstance(entry.get("factor"), float),
-                 f"{where}: file entry {path!r} lacks size, crc32, factor or pieces")
-        _require(entry["factor"] in factors, f"{where}: file {path!r} has factor {entry['factor']} not in {factors}")
-        for fqn, piece in entry["pieces"].items():
-            _require(fqn in tensors, f"{where}: file {path!r} holds {fqn!r}, which is not in the tensor table")
-            _require(isinstance(piece, dict), f"{where}: piece {fqn!r} of {path!r} is malformed")
-            pieces.setdefault((entry["factor"], fqn), []).append((piece.get("offset"), piece.get("shape"), path))
+        _require(entry.factor in factors, f"{where}: file {path!r} has factor {entry.factor} not in {factors}")
+        for fqn, piece in entry.pieces.items():
+            _require(fqn in schema.tensors, f"{where}: file {path!r} holds {fqn!r}, which is not in the tensor table")
+            pieces.setdefault((entry.factor, fqn), []).append((piece.offset, piece.shape, path))
     for factor in factors:
-        for fqn, info in tensors.items():
-            _check_coverage(fqn, factor, info["global_shape"], pieces.get((factor, fqn), []))
+        for fqn, info in schema.tensors.items():
+            _check_coverage(fqn, factor, info.global_shape, pieces.get((factor, fqn), []))
 
 
 def read_manifest(directory: Path) -> dict:
@@ -171,9 +279,16 @@ def read_manifest(directory: Path) -> dict:
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest (the save did not commit)")
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: {size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})")
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: bad JSON, or an integer of more digits than Python converts;
+        # RecursionError: nesting deeper than the parser goes.
+        if isinstance(exc, ManifestError):
+            raise
+        raise ManifestError(f"{path}: unreadable manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
     validate_manifest(manifest, str(path))
     return manifest
 
@@ -184,16 +299,22 @@ def versions_of(root: Path, model_path: str | None, tag: str, problems: list[str
     Directories that exist but hold no valid manifest are reported in ``problems``.
     """
     label_dir = Path(root) / path_label(model_path)
-    found = []
-    for name in (cp_dirname(tag), old_dirname(tag)):
+    # Look at cp=<tag>, cp=<tag>.old, then cp=<tag> again: a commit renames cp=<tag> away
+    # before renaming the new version in, and deletes cp=<tag>.old only after that, so a
+    # version missed under one name at one moment is under the other at the next.
+    names = (cp_dirname(tag), old_dirname(tag), cp_dirname(tag))
+    found: list[Version] = []
+    reported: list[str] = []
+    for i, name in enumerate(names):
         directory = label_dir / name
-        if not directory.is_dir():
+        if (i == 2 and found) or not directory.is_dir():
             continue
         try:
             found.append(Version(model_path, tag, directory, read_manifest(directory)))
         except ManifestError as exc:
-            if problems is not None:
-                problems.append(str(exc))
+            reported.append(str(exc))
+    if problems is not None:
+        problems.extend(p for p in dict.fromkeys(reported) if p not in problems)
     return found
 
 

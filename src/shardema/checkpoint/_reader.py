@@ -34,7 +34,7 @@ from .. import _dist
 from .._log import logger
 from .._shards import path_label
 from .._store import CheckpointLoad
-from ..config import DecaySchedule
+from ..config import DecaySchedule, check_model_paths
 from ._format import RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32, validate_tag
 from ._io import file_crc32
 from ._manifest import Candidate, find_candidates, saved_factor
@@ -178,11 +178,43 @@ def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
 
 
 def _discover(root: Path, model_paths, tags) -> tuple[list[Candidate], list[str]]:
+    """Complete candidates of ``tags``, newest step first (ties: the order of ``tags``, then
+    ``cp=<tag>`` before ``cp=<tag>.old``), and the problems met on the way."""
     problems: list[str] = []
-    candidates = []
-    for tag in tags:
-        candidates.extend(find_candidates(root, model_paths, tag, problems))
-    return candidates, problems
+    candidates: list[tuple[int, Candidate]] = []
+    for order, tag in enumerate(tags):
+        candidates.extend((order, c) for c in find_candidates(root, model_paths, tag, problems))
+    ranked = sorted(enumerate(candidates), key=lambda item: (-int(item[1][1].manifest["step"]), item[1][0], item[0]))
+    return [c for _, (_, c) in ranked], problems
+
+
+def _overlaps(a: str | None, b: str | None) -> bool:
+    return a is None or b is None or a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _saved_under_other_paths(root: Path, model_paths, tags) -> list[tuple[str | None, Candidate]]:
+    """Committed saves under ``root`` whose model paths overlap ``model_paths`` without matching them.
+
+    A checkpoint saved with ``model_paths=None`` and resumed with ``["encoder"]`` (or the
+    other way round) lives under another directory; finding nothing there must not pass
+    for "no checkpoint".
+    """
+    if not root.is_dir():
+        return []
+    found = []
+    ours = set(model_paths)
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        other = None if label_dir.name == path_label(None) else label_dir.name
+        if other in ours or not any(_overlaps(other, mp) for mp in ours):
+            continue
+        try:
+            check_model_paths([other])
+        except ValueError:
+            continue
+        for tag in tags:
+            for candidate in find_candidates(root, [other], tag):
+                found.append((other, candidate))
+    return found
 
 
 def _corruption_errors() -> tuple[type[BaseException], ...]:
@@ -198,23 +230,63 @@ def _agreed_problems(mine: list[str], group) -> list[str]:
     return [p for share in _dist.all_gather_objects(mine, group=group) for p in share]
 
 
+DISCOVERY_ATTEMPTS = 3
+"""How often a resume looks again when a candidate moved away while it was read (a commit ran)."""
+
+
 def _load_first(ema, load: CheckpointLoad, root: Path, tags) -> str | None:
-    """Collective: load the first intact candidate of ``tags`` through ``load``; its tag, or None."""
+    """Collective: load the newest intact candidate of ``tags`` through ``load``; its tag, or None.
+
+    [Note: reading during a commit] A writer's commit renames ``cp=T`` to ``cp=T.old``,
+    the new version to ``cp=T``, then deletes ``cp=T.old``: at every instant one of the
+    two names holds a complete version, but a reader may look at each name at the wrong
+    moment, or have a version renamed away while it reads its files. Discovery looks
+    again when it finds neither name (see ``_manifest.versions_of``), and when every
+    candidate failed and one of them had moved, the whole discovery runs again (at most
+    :data:`DISCOVERY_ATTEMPTS` times).
+    """
+    group = ema.process_group
+    rank = _dist.rank(group)
+    for attempt in range(DISCOVERY_ATTEMPTS):
+        found: tuple[list[Candidate], list[str], list] | str | None = None
+        if rank == 0:
+            try:
+                candidates, problems = _discover(root, ema.model_paths, tags)
+                others = [] if candidates else _saved_under_other_paths(root, ema.model_paths, tags)
+                found = (candidates, problems, others)
+            except Exception as exc:  # e.g. permission denied: every rank raises below
+                found = f"{type(exc).__name__}: {exc}"
+        found = _dist.broadcast_object(found, src=group_root(group), group=group)
+        if isinstance(found, str):
+            raise RuntimeError(f"listing EMA checkpoints under {root} failed on rank 0: {found}")
+        candidates, problems, others = found
+        if others:
+            listing = "; ".join(f"{c.describe()} (model paths {[path_label(p) for p in c.manifest['model_paths']]})"
+                                for _, c in others)
+            raise CheckpointMismatchError(
+                f"no EMA checkpoint for model paths {[path_label(p) for p in ema.model_paths]} under {root}, but "
+                f"there are checkpoints of overlapping model paths: {listing}; resume with the model paths used for "
+                "saving, or save to a new root")
+        if rank == 0:
+            for problem in problems:
+                logger.warning("ignoring %s", problem)
+        tag = _try_candidates(ema, load, candidates)
+        if tag is not None or not candidates:
+            return tag
+        moved = None
+        if rank == 0:
+            moved = any(not v.directory.is_dir() for c in candidates for v in c.versions.values())
+        if not _dist.broadcast_object(moved, src=group_root(group), group=group):
+            return None
+        logger.info("a candidate moved while it was read (a save committed); looking again (attempt %d)",
+                    attempt + 2)
+    return None
+
+
+def _try_candidates(ema, load: CheckpointLoad, candidates: list[Candidate]) -> str | None:
+    """Collective: verify and load the candidates in order; the tag of the first that loads, or None."""
     group = ema.process_group
     rank, world = _dist.rank(group), _dist.world_size(group)
-    found: tuple[list[Candidate], list[str]] | str | None = None
-    if rank == 0:
-        try:
-            found = _discover(root, ema.model_paths, tags)
-        except Exception as exc:  # e.g. permission denied: every rank raises below
-            found = f"{type(exc).__name__}: {exc}"
-    found = _dist.broadcast_object(found, src=group_root(group), group=group)
-    if isinstance(found, str):
-        raise RuntimeError(f"listing EMA checkpoints under {root} failed on rank 0: {found}")
-    candidates, problems = found
-    if rank == 0:
-        for problem in problems:
-            logger.warning("ignoring %s", problem)
     for candidate in candidates:
         differences = structure_differences(ema, candidate)
         if differences:

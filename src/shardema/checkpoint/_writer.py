@@ -3,23 +3,29 @@
 [Note: commit protocol]
 Which ranks run each step of ``save_ema(ema, root, tag)``:
 
-1. All ranks: one all-gather spreads rank 0's ``save_id`` and every rank's claimed
-   pieces; a piece several ranks hold is written by the lowest of them only.
+1. Rank 0: take the writer lock of every model path's directory (see ``_lock``); a
+   second writer fails here. All ranks: one all-gather spreads rank 0's ``save_id``
+   (or its lock error) and every rank's claimed pieces; a piece several ranks hold is
+   written by the lowest of them only.
 2. Rank 0: clean up what crashed saves left under the EMA's model paths (staging
-   directories, a stranded ``cp=<tag>.old``; see :func:`cleanup_leftovers`).
+   directories, a stranded ``cp=<tag>.old``; see :func:`cleanup_leftovers`). The lock
+   guarantees no other writer's staging directory is live.
 3. All ranks: write this rank's pieces of every (model path, factor) into
    ``<root>/<label>/cp=<tag>.tmp-<save_id>/ema=<factor>/rank-R-of-W.safetensors``:
    temporary name, fsync, rename, fsync the directory. Ranks holding only replicas
    or empty pieces write nothing.
 4. All ranks: gather every rank's outcome and file list (the agreement). If any rank
    failed, every rank raises and nothing is committed.
-5. Rank 0: write ``manifest.json`` into each staging directory (temporary name,
-   fsync, rename, fsync): the staging directory is now committed but not yet visible.
+5. Rank 0: check that every file the ranks reported is visible to it with the reported
+   size (ranks given different, node-local roots fail here, naming the files), then
+   write ``manifest.json`` into each staging directory (temporary name, fsync, rename,
+   fsync): the staging directory is now committed but not yet visible.
 6. Rank 0: for each model path, rename ``cp=<tag>`` to ``cp=<tag>.old`` and the
    staging directory to ``cp=<tag>``; after all model paths, delete the ``.old``
    directories. Readers accept a complete ``cp=<tag>`` or ``cp=<tag>.old`` (see
    ``_manifest``), so the old or the new save is findable at every instant.
 7. All ranks: rank 0 broadcasts whether the commit succeeded; all raise if not.
+   Rank 0 releases the locks.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -54,6 +61,7 @@ from ._format import (
     validate_tag,
 )
 from ._io import SafetensorsStreamWriter, fsync_dir, make_dirs, write_bytes_atomic
+from ._lock import WriterLock
 from ._manifest import find_candidates, validate_manifest
 
 
@@ -196,8 +204,25 @@ def _build_manifest(ema, mp, plan: dict, world: int, files: list[dict]) -> dict:
     }
 
 
+def _check_visible(root: Path, plan: dict, entries: list[dict]) -> None:
+    """Rank 0: every file the ranks wrote must be here, at its size (one shared file system)."""
+    missing = []
+    for entry in entries:
+        path = root / path_label(entry["model_path"]) / staging_dirname(plan["tag"], plan["save_id"]) / entry["path"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["size"]:
+            found = "missing" if size is None else f"{size} bytes"
+            missing.append(f"{entry['path']} of rank {entry['rank']} ({found})")
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise FileNotFoundError(
+            f"rank 0 cannot see files the other ranks wrote under {root}: {shown}. The checkpoint root must be "
+            "one shared file system that every rank sees at its path (not a node-local directory)")
+
+
 def _commit(ema, root: Path, plan: dict, world: int, entries: list[dict]) -> None:
-    """Rank 0: write the manifests, then swap the staging directories in (steps 5 and 6)."""
+    """Rank 0: check the files, write the manifests, then swap the staging directories in (steps 5 and 6)."""
+    _check_visible(root, plan, entries)
     tag = plan["tag"]
     staged = []
     for mp in ema.model_paths:
@@ -236,9 +261,28 @@ def save_ema(ema, root, tag: str = "latest") -> str:
     # held by several ranks (replicas outside the DTensor's mesh, e.g. DDP around tensor
     # parallelism) is written by the lowest of them only.
     claims = {(t.model_path, t.fqn, t.global_offset) for t in ema.tracked() if t.writes_checkpoint}
-    proposal = {"save_id": uuid.uuid4().hex, "tag": tag, "created": time.time()} if rank == 0 else None
-    gathered = _dist.all_gather_objects((proposal, claims), group=group)
-    plan = gathered[0][0]
+    with ExitStack() as locks:
+        proposal = None
+        if rank == 0:
+            proposal = {"save_id": uuid.uuid4().hex, "tag": tag, "created": time.time(), "lock_error": None}
+            try:
+                for mp in ema.model_paths:
+                    locks.enter_context(WriterLock(root / path_label(mp)))
+            except Exception as exc:  # another writer, or an unwritable root: every rank raises
+                proposal["lock_error"] = f"{type(exc).__name__}: {exc}"
+        gathered = _dist.all_gather_objects((proposal, claims), group=group)
+        lock_error = gathered[0][0]["lock_error"]
+        if lock_error:
+            raise RuntimeError(f"saving the EMA checkpoint {cp_dirname(tag)} under {root} failed on rank 0: "
+                               f"{lock_error}; nothing was written")
+        return _save_locked(ema, root, tag, gathered, claims, rank, world, started)
+
+
+def _save_locked(ema, root: Path, tag: str, gathered: list, claims: set, rank: int, world: int,
+                 started: float) -> str:
+    """Steps 2-7 of the commit protocol, while rank 0 holds the writer locks."""
+    group = ema.process_group
+    plan = dict(gathered[0][0])
     earlier = set().union(*(c for _, c in gathered[:rank])) if rank else set()
     plan["writes"] = claims - earlier
     error: BaseException | None = None
