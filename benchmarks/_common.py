@@ -11,6 +11,7 @@ ratio is the median over rounds, with the quartiles and the extremes as spread.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -197,9 +198,14 @@ class Rounds:
         return min((len(v) for v in self.seconds.values()), default=0)
 
 
+WARMUP_CALLS = 2
+"""Calls of a method :func:`pick_reps` makes (the last one timed) before its rounds."""
+
+
 def pick_reps(fn: Callable[[], object], device: torch.device, target_s: float, max_reps: int = 20) -> tuple[int, float]:
-    """Warm ``fn`` up (twice) and choose how many calls make about ``target_s`` per round."""
-    fn()
+    """Warm ``fn`` up (``WARMUP_CALLS`` calls) and choose how many calls make about ``target_s`` per round."""
+    for _ in range(WARMUP_CALLS - 1):
+        fn()
     sync(device)
     start = time.perf_counter()
     fn()
@@ -239,6 +245,11 @@ def interleave(methods: list[Method], device: torch.device, rounds: int, *, min_
     return result
 
 
+def calls_made(method: Method, rounds: Rounds) -> int:
+    """How often :func:`pick_reps` and :func:`interleave` called ``method.fn``."""
+    return WARMUP_CALLS + method.reps * len(rounds.seconds[method.name])
+
+
 def spread(values: list[float]) -> dict:
     """Median, quartiles and extremes of ``values`` (rounded)."""
     if not values:
@@ -267,6 +278,59 @@ def method_stats(seconds: list[float], nbytes: int | None, reps: int) -> dict:
         out["gbps"] = round(nbytes / med / 1e9, 2)
         out["gbps_best"] = round(nbytes / min(seconds) / 1e9, 2)
     return out
+
+
+# ---------------------------------------------------------------------------- EMA value check
+class EMAProbe:
+    """A few live and EMA values, so a test can recompute what the timed updates must have produced.
+
+    [Note: EMA value check]
+    The benchmarks time ``ShardedEMA.update()`` on live weights that never change, and
+    an EMA that starts at constant weights stays there whether ``update()`` averages or
+    does nothing. So once every EMA of a case is built (shadows = live weights ``w``),
+    :meth:`start` negates the live weights (the work per update is the same for any
+    values). After ``n`` updates with decay ``f`` each shadow element must then be
+    ``-w + f**n * 2w``: away from both its start ``w`` and the live ``-w``. :meth:`finish`
+    records ``n``, the sampled start values, the current live values and the shadows;
+    tests/unit/test_benchmarks_quick.py recomputes the EMA from them.
+    """
+
+    def __init__(self, model: nn.Module, tensors: int = 4, per_tensor: int = 8):
+        named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+        last = max(0, len(named) - 1)
+        picked = [named[i] for i in sorted({round(j * last / max(1, tensors - 1)) for j in range(tensors)})
+                  if i < len(named)]
+        self.model = model
+        self.names = [n for n, _ in picked]  # spread over the model: first, last and between
+        self.index = [torch.linspace(0, max(0, _local(p).numel() - 1), per_tensor).long().unique() for _, p in picked]
+        self.initial: list[float] = []
+
+    def _live(self) -> list[float]:
+        params = dict(self.model.named_parameters())
+        return [v for n, i in zip(self.names, self.index) if _local(params[n]).numel()
+                for v in _local(params[n]).detach().reshape(-1)[i].double().tolist()]
+
+    @torch.no_grad()
+    def start(self) -> None:
+        """Sample the live weights (the EMAs' start), then negate them all; call right before timing."""
+        self.initial = self._live()
+        for p in self.model.parameters():
+            _local(p).neg_()
+
+    def finish(self, ema, factors: list[float], updates: int) -> dict:
+        """The ``ema_check`` entry of a case, after ``updates`` calls of ``ema.update()``."""
+        shadows = []
+        for f in factors:
+            shadows.append([v for n, i in zip(self.names, self.index)
+                            if (t := ema.shadow(f, (None, n))).numel()
+                            for v in t.detach().reshape(-1)[i].double().tolist()])
+        return {"updates": updates, "factors": list(factors), "tensors": self.names, "initial": self.initial,
+                "live": self._live(), "shadows": shadows}
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a (possibly DTensor) parameter."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 # ---------------------------------------------------------------------------- output
@@ -318,18 +382,6 @@ def targets_md(targets: list[dict]) -> str:
     return md_table(["target", "goal", "measured", "", "note"], rows)
 
 
-def plt_or_none():
-    """matplotlib.pyplot with the Agg backend, or None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def tqdm_bar(total: int, desc: str, enabled: bool = True):
     """A tqdm progress bar (disabled when ``enabled`` is False)."""
     from tqdm import tqdm
@@ -339,6 +391,31 @@ def tqdm_bar(total: int, desc: str, enabled: bool = True):
 
 def met_word(met: bool | None) -> str:
     return {True: "met", False: "missed", None: "not evaluated"}[met]
+
+
+def bench_parser(doc: str, device_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark script takes (benchmarks/README.md); a script adds its own after them."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: one small model, few rounds")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help=device_help)
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results directory")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-derive targets, tables and plots from the JSON already in --out (no measuring)")
+    return parser
+
+
+def measure_or_render(args, stem: str, run: Callable[[argparse.Namespace], dict], plots, markdown,
+                      rederive: Callable[[dict], None] | None = None) -> int:
+    """``run(args)``, or with ``--render-only`` the result already in ``--out`` (``rederive`` updates
+    what is derived from the measurements); then :func:`write_outputs`."""
+    if args.render_only:
+        result = json.loads((args.out / f"{stem}.json").read_text())
+        if rederive is not None:
+            rederive(result)
+    else:
+        result = run(args)
+    return write_outputs(result, args.out, stem, plots, markdown)
 
 
 def write_outputs(result: dict, out_dir: Path, stem: str, plots, markdown) -> int:

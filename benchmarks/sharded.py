@@ -18,7 +18,6 @@ replica (plus the transient gathered copy) of the baseline.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -34,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
+import _plots
 
 OURS, GATHER, ROOF = "shardema", "gather-then-update", "roofline lerp_"
 FACTOR = 0.9999
@@ -81,9 +81,11 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, out_path: str) -> No
         roof_b = torch.full((local_numel,), 2.0)
         methods = [C.Method(ROOF, lambda: roof_a.lerp_(roof_b, weight)), C.Method(OURS, ema.update),
                    C.Method(GATHER, gather_update)]
+        probe = C.EMAProbe(model)  # see [Note: EMA value check]
+        probe.start()
         for m in methods:  # warm up (first touches, gloo buffers)
-            m.fn()
-            m.fn()
+            for _ in range(C.WARMUP_CALLS):
+                m.fn()
         seconds = {m.name: [] for m in methods}
         for r in range(cfg["rounds"]):
             order = methods[r % len(methods):] + methods[:r % len(methods)]
@@ -94,7 +96,8 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, out_path: str) -> No
                 seconds[m.name].append(time.perf_counter() - t0)
         mine = {"rank": rank, "seconds": seconds, "shadow_bytes": ema.shadow_bytes, "local_numel": local_numel,
                 "replica_bytes": replica_bytes, "gather_transient_bytes": replica_bytes, "numel": numel,
-                "num_tensors": len(params)}
+                "num_tensors": len(params),
+                "ema_check": probe.finish(ema, [FACTOR], C.WARMUP_CALLS + cfg["rounds"])}
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
         if rank == 0:
@@ -139,13 +142,15 @@ def summarise(world: int, ranks: list[dict], unsharded_bytes: int | None) -> dic
         "rounds": rounds,
         "methods": {n: {"median_ms_slowest_rank": round(statistics.median(slowest[n]) * 1e3, 3),
                         "min_ms_slowest_rank": round(min(slowest[n]) * 1e3, 3),
-                        "median_ms_per_rank": per_rank[n]} for n in names},
+                        "median_ms_per_rank": per_rank[n],
+                        "rounds_ms_slowest_rank": [round(t * 1e3, 3) for t in slowest[n]]} for n in names},
         "gather_over_ours": C.spread([g / o for g, o in zip(slowest[GATHER], slowest[OURS])]),
         "roofline_fraction": C.spread([f / o for f, o in zip(slowest[ROOF], slowest[OURS])]),
         "ema_bytes_per_rank": shadow,
         "baseline_bytes_per_rank": [r["replica_bytes"] for r in ranks],
         "baseline_transient_bytes_per_rank": [r["gather_transient_bytes"] for r in ranks],
         "local_numel_per_rank": [r["local_numel"] for r in ranks],
+        "ema_check_per_rank": [r["ema_check"] for r in ranks],
     }
     if unsharded_bytes:
         case["ema_bytes_unsharded"] = unsharded_bytes
@@ -207,54 +212,32 @@ def markdown(result: dict) -> str:
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
-    plt = C.plt_or_none()
-    if plt is None or not result["cases"]:
+    cases = result["cases"]
+    if not cases:
         return []
-    ws = [c["world_size"] for c in result["cases"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in (ROOF, OURS, GATHER):
-        a.plot(ws, [c["methods"][name]["median_ms_slowest_rank"] for c in result["cases"]], marker="o", label=name)
-    a.set_xlabel("ranks (W)")
-    a.set_ylabel("ms per update (slowest rank)")
-    a.set_yscale("log")
-    a.set_xticks(ws)
-    a.legend(fontsize=8)
-    a.set_title("Update time under FSDP2 (CPU, gloo)")
-    b.plot(ws, [max(c["ema_bytes_per_rank"]) / 2**20 for c in result["cases"]], marker="o", label="shardema")
-    b.plot(ws, [max(c["baseline_bytes_per_rank"]) / 2**20 for c in result["cases"]], marker="o",
-           label="gather-then-update replica")
-    if result["cases"][0].get("ema_bytes_unsharded"):
-        full = result["cases"][0]["ema_bytes_unsharded"] / 2**20
-        b.plot(ws, [full / w for w in ws], linestyle="--", color="grey", label="unsharded / W")
-    b.set_xlabel("ranks (W)")
-    b.set_ylabel("EMA MiB per rank")
-    b.set_xticks(ws)
-    b.legend(fontsize=8)
-    b.set_title("Per-rank EMA memory")
-    fig.tight_layout()
-    fig.savefig(out_dir / "sharded.png", dpi=110)
-    plt.close(fig)
-    return ["sharded.png"]
+    ws = [c["world_size"] for c in cases]
+    mib = [_plots.Line([max(c["ema_bytes_per_rank"]) / 2**20 for c in cases], "shardema"),
+           _plots.Line([max(c["baseline_bytes_per_rank"]) / 2**20 for c in cases], "gather-then-update replica")]
+    if cases[0].get("ema_bytes_unsharded"):
+        full = cases[0]["ema_bytes_unsharded"] / 2**20
+        mib.append(_plots.Line([full / w for w in ws], "unsharded / W", {"linestyle": "--", "color": "grey"}))
+    return _plots.lines(out_dir, "sharded.png", [
+        _plots.Panel(ws, [_plots.Line([c["methods"][name]["median_ms_slowest_rank"] for c in cases], name)
+                          for name in (ROOF, OURS, GATHER)],
+                     "ranks (W)", "ms per update (slowest rank)", "Update time under FSDP2 (CPU, gloo)", log=True),
+        _plots.Panel(ws, mib, "ranks (W)", "EMA MiB per rank", "Per-rank EMA memory"),
+    ], figsize=(10, 4), legend={"fontsize": 8})
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="ranks always run on CPU/gloo (one GPU cannot host several NCCL ranks)")
+    parser = C.bench_parser(__doc__, "ranks always run on CPU/gloo (one GPU cannot host several NCCL ranks)")
     parser.add_argument("--worlds", default="", help="comma-separated world sizes (default 1,2,4)")
     parser.add_argument("--size", default="", help="parameter count, e.g. 64e6")
-    parser.add_argument("--out", type=Path, default=C.DEFAULT_RESULTS)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--render-only", action="store_true",
-                        help="re-derive targets, tables and plots from the JSON already in --out (no measuring)")
-    args = parser.parse_args(argv)
-    if args.render_only:
-        result = json.loads((args.out / "sharded.json").read_text())
+
+    def rederive(result: dict) -> None:
         result["targets"] = targets(result["cases"], result["config"])
-    else:
-        result = run(args)
-    return C.write_outputs(result, args.out, "sharded", plots, markdown)
+
+    return C.measure_or_render(parser.parse_args(argv), "sharded", run, plots, markdown, rederive)
 
 
 if __name__ == "__main__":

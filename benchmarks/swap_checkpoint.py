@@ -17,9 +17,7 @@ the disk, not from memory.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import shutil
 import sys
@@ -31,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
+import _plots
 import shardema
 
 FACTORS = [0.999, 0.9999]
@@ -137,6 +136,17 @@ def _swap_clone(ema, params_and_shadows) -> None:
             p.detach().copy_(b)
 
 
+def _exchange_buffer_bytes(info) -> int:
+    """``SwapInfo.exchange_buffer_bytes`` (the core renames ``scratch_bytes``; the old name will raise).
+
+    Where the installed shardema predates the rename, the same figure is ``extra_bytes``
+    less the backups. The result files keep the key ``scratch_bytes`` (schema version 1).
+    """
+    if hasattr(info, "exchange_buffer_bytes"):
+        return info.exchange_buffer_bytes
+    return info.extra_bytes - info.backup_bytes
+
+
 def _peak_extra(fn, device: torch.device) -> int | None:
     """Peak memory ``fn`` adds above what was in use when it started (bytes), or None if unmeasurable."""
     gc.collect()
@@ -189,7 +199,7 @@ def run(args) -> dict:
                  "methods": {m.name: C.method_stats(rounds.seconds[m.name], 2 * live_bytes, m.reps) for m in methods},
                  "clone_over_ours": C.ratio(rounds, SWAP_CLONE, SWAP_OURS),
                  "swap_info": None if info is None else {"mode": info.mode, "extra_bytes": info.extra_bytes,
-                                                         "scratch_bytes": info.scratch_bytes,
+                                                         "scratch_bytes": _exchange_buffer_bytes(info),
                                                          "backup_bytes": info.backup_bytes},
                  "measured_extra_bytes": extra,
                  "extra_bytes_model": {SWAP_OURS: None if info is None else info.extra_bytes, SWAP_CLONE: live_bytes}}
@@ -257,40 +267,22 @@ def markdown(result: dict) -> str:
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
-    plt = C.plt_or_none()
     ck = [c for c in result["cases"] if c["phase"] == "checkpoint"]
-    if plt is None or not ck:
+    if not ck:
         return []
-    m = ck[0]["methods"]
     names = [RAW_W, TORCH_W, OURS_W, RAW_R, TORCH_R, OURS_R]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(range(len(names)), [m[n]["gbps"] for n in names],
-           color=["grey", "tab:orange", "tab:blue"] * 2)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("GB/s (median over rounds)")
-    ax.set_title("Checkpoint throughput (writes fsynced; reads from disk)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "swap_checkpoint.png", dpi=110)
-    plt.close(fig)
-    return ["swap_checkpoint.png"]
+    return _plots.bars(out_dir, "swap_checkpoint.png", names,
+                       [_plots.Series([ck[0]["methods"][n]["gbps"] for n in names],
+                                      color=["grey", "tab:orange", "tab:blue"] * 2)],
+                       figsize=(8, 4), tick_style=_plots.SLANTED, ylabel="GB/s (median over rounds)",
+                       title="Checkpoint throughput (writes fsynced; reads from disk)")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = C.bench_parser(__doc__)
     parser.add_argument("--size", default="", help="parameter count, e.g. 100e6")
-    parser.add_argument("--out", type=Path, default=C.DEFAULT_RESULTS)
     parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--render-only", action="store_true",
-                        help="re-derive tables and plots from the JSON already in --out (no measuring)")
-    args = parser.parse_args(argv)
-    if args.render_only:
-        result = json.loads((args.out / "swap_checkpoint.json").read_text())
-    else:
-        result = run(args)
-    return C.write_outputs(result, args.out, "swap_checkpoint", plots, markdown)
+    return C.measure_or_render(parser.parse_args(argv), "swap_checkpoint", run, plots, markdown)
 
 
 if __name__ == "__main__":

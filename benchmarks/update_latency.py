@@ -25,9 +25,7 @@ the bandwidth one ``lerp_`` could reach at that moment. Both are recorded.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import sys
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
+import _plots
 import peers as P
 import shardema
 
@@ -83,7 +82,9 @@ class Runner:
         self.plan = plan
         self.progress = progress
 
-    def _time(self, methods: list[C.Method], desc: str) -> C.Rounds:
+    def _time(self, methods: list[C.Method], desc: str, model) -> tuple[C.Rounds, C.EMAProbe]:
+        probe = C.EMAProbe(model)  # see [Note: EMA value check]
+        probe.start()
         for m in methods:
             m.reps, _ = C.pick_reps(m.fn, self.device, self.plan["round_target_s"])
         bar = C.tqdm_bar(self.plan["rounds"], desc, self.progress)
@@ -93,7 +94,7 @@ class Runner:
         finally:
             bar.close()
         self._add_roofline(rounds)
-        return rounds
+        return rounds, probe
 
     def _roofline(self, nbytes: int) -> tuple[list[C.Method], list[torch.Tensor]]:
         """One ``lerp_`` over a contiguous buffer of ``nbytes``; on CPU also timed on one thread.
@@ -121,12 +122,14 @@ class Runner:
         timed = [rounds.seconds[n] for n in (ROOF_ALL, ROOF_ONE) if n in rounds.seconds]
         rounds.seconds[ROOF] = [min(values) for values in zip(*timed)]
 
-    def _case(self, phase, model, meta, k, live_dtype, nbytes, rounds, methods) -> dict:
+    def _case(self, phase, meta, k, live_dtype, nbytes, rounds, methods, ours, probe) -> dict:
         stats = {m.name: C.method_stats(rounds.seconds[m.name], nbytes, m.reps) for m in methods}
         stats[ROOF] = C.method_stats(rounds.seconds[ROOF], nbytes, 1)
+        timed = next(m for m in methods if m.name == OURS)
         return {"phase": phase, **meta, "live_dtype": str(live_dtype).replace("torch.", ""), "shadow_dtype": "float32",
                 "num_factors": k, "bytes_per_update": nbytes, "rounds": rounds.num_rounds, "methods": stats,
-                "roofline_fraction": C.ratio(rounds, ROOF, OURS)}
+                "roofline_fraction": C.ratio(rounds, ROOF, OURS),
+                "ema_check": probe.finish(ours, FACTORS[:k], C.calls_made(timed, rounds))}
 
     # ------------------------------------------------------------------ phase 1
     def k1_with_peers(self, model, meta) -> dict:
@@ -147,8 +150,8 @@ class Runner:
                 continue
             families.append(fam)
             methods += [C.Method(name, fn) for name, fn in fam.variants]
-        rounds = self._time(methods, f"K=1 {meta['model']} {meta['layout']}")
-        case = self._case("k1_peers", model, meta, 1, torch.float32, nbytes, rounds, methods)
+        rounds, probe = self._time(methods, f"K=1 {meta['model']} {meta['layout']}", model)
+        case = self._case("k1_peers", meta, 1, torch.float32, nbytes, rounds, methods, ours, probe)
         peer_names = [m.name for m in methods[len(roofs) + 1:]]
         case["peers"] = peer_names
         case["ratios"] = {f"{OURS}/{p}": C.ratio(rounds, OURS, p) for p in peer_names}
@@ -177,8 +180,8 @@ class Runner:
         if C.fits(4 * n * k, self.device):
             noether = P.NoetherStyle(model, FACTORS[:k])
             methods.append(C.Method(NOETHER_K, noether.update))
-        rounds = self._time(methods, f"K={k} {meta['model']} {meta['layout']}")
-        case = self._case("fused_vs_separate", model, meta, k, torch.float32, nbytes, rounds, methods)
+        rounds, probe = self._time(methods, f"K={k} {meta['model']} {meta['layout']}", model)
+        case = self._case("fused_vs_separate", meta, k, torch.float32, nbytes, rounds, methods, fused, probe)
         case["fused_over_separate"] = C.ratio(rounds, OURS, SEPARATE)
         case["predicted_fused_over_separate"] = round((4 + 8 * k) / (12 * k), 4)
         if noether is not None:
@@ -196,9 +199,8 @@ class Runner:
         roofs, _keep = self._roofline(nbytes)
         ours = shardema.ShardedEMA(model, FACTORS[:k])
         methods = [*roofs, C.Method(OURS, ours.update)]
-        rounds = self._time(methods, f"bf16 K={k} {meta['model']} {meta['layout']}")
-        case = self._case("bf16_live", model, meta, k, torch.bfloat16, nbytes, rounds, methods)
-        return case
+        rounds, probe = self._time(methods, f"bf16 K={k} {meta['model']} {meta['layout']}", model)
+        return self._case("bf16_live", meta, k, torch.bfloat16, nbytes, rounds, methods, ours, probe)
 
 
 def run(args) -> dict:
@@ -353,95 +355,57 @@ def markdown(result: dict) -> str:
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
-    plt = C.plt_or_none()
-    if plt is None:
-        return []
-    written = []
     cases = result["cases"]
-    labels, values, errs = [], [], []
-    for c in cases:
-        if "skipped" in c or "roofline_fraction" not in c:
-            continue
-        f = c["roofline_fraction"]
-        labels.append(f"{c['model']} {c['layout']}\n{c['live_dtype']} K={c['num_factors']}")
-        values.append(f["median"])
-        errs.append([[f["median"] - f["q25"]], [f["q75"] - f["median"]]])
-    if labels:
-        fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels)), 4))
-        ax.bar(range(len(values)), values, yerr=[[e[0][0] for e in errs], [e[1][0] for e in errs]], capsize=3)
-        ax.axhline(0.85, color="red", linestyle="--", linewidth=1, label="target 0.85 (K=1, >=100M)")
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_ylabel("roofline time / shardema time")
-        ax.set_title("Fraction of the memory-bandwidth roofline (median, quartiles)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "update_latency_roofline.png", dpi=110)
-        plt.close(fig)
-        written.append("update_latency_roofline.png")
+    roof = [c for c in cases if "skipped" not in c and "roofline_fraction" in c]
+    fractions = [c["roofline_fraction"] for c in roof]
+    written = _plots.bars(
+        out_dir, "update_latency_roofline.png",
+        [f"{c['model']} {c['layout']}\n{c['live_dtype']} K={c['num_factors']}" for c in roof],
+        [_plots.Series([f["median"] for f in fractions], yerr=([f["median"] - f["q25"] for f in fractions],
+                                                               [f["q75"] - f["median"] for f in fractions]))],
+        figsize=(max(6, 0.55 * len(roof)), 4), tick_style={"rotation": 90, "fontsize": 7},
+        hlines=[dict(y=0.85, **_plots.TARGET_LINE, label="target 0.85 (K=1, >=100M)")],
+        ylabel="roofline time / shardema time", title="Fraction of the memory-bandwidth roofline (median, quartiles)",
+        legend={"fontsize": 8})
     k1 = _ok(cases, "k1_peers")
-    if k1 and any(c["peers"] for c in k1):
-        peer_names = []
-        for c in k1:
-            peer_names += [p for p in c["peers"] if p not in peer_names]
-        fig, ax = plt.subplots(figsize=(11, 4))
-        width = 0.8 / len(k1)
-        for i, c in enumerate(k1):
-            ys = [c["ratios"].get(f"{OURS}/{p}", {}).get("median") or 0 for p in peer_names]
-            ax.bar([j + i * width for j in range(len(peer_names))], ys, width, label=f"{c['model']} {c['layout']}")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.axhline(1.05, color="red", linestyle="--", linewidth=1, label="target <= 1.05 vs fastest")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(peer_names))], peer_names, rotation=30, ha="right",
-                      fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("shardema time / peer time (log)")
-        ax.set_title("K = 1, fp32: shardema against peers on the same model (below 1 = faster)")
-        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-        fig.tight_layout()
-        fig.savefig(out_dir / "update_latency_peers.png", dpi=110)
-        plt.close(fig)
-        written.append("update_latency_peers.png")
+    peer_names: list[str] = []
+    for c in k1:
+        peer_names += [p for p in c["peers"] if p not in peer_names]
+    written += _plots.bars(
+        out_dir, "update_latency_peers.png", peer_names,
+        [_plots.Series([c["ratios"].get(f"{OURS}/{p}", {}).get("median") or 0 for p in peer_names],
+                       label=f"{c['model']} {c['layout']}") for c in k1],
+        figsize=(11, 4), tick_style=_plots.SLANTED, log=True,
+        hlines=[dict(y=1.0, color="black", linewidth=0.8),
+                dict(y=1.05, **_plots.TARGET_LINE, label="target <= 1.05 vs fastest")],
+        ylabel="shardema time / peer time (log)",
+        title="K = 1, fp32: shardema against peers on the same model (below 1 = faster)",
+        legend={"fontsize": 7, "bbox_to_anchor": (1.01, 1), "loc": "upper left"})
     fused = _ok(cases, "fused_vs_separate")
-    if fused:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        labels = [f"{c['model']} {c['layout']} K={c['num_factors']}" for c in fused]
-        xs = range(len(fused))
-        ax.bar([x - 0.2 for x in xs], [c["fused_over_separate"]["median"] for c in fused], 0.4, label="measured")
-        ax.bar([x + 0.2 for x in xs], [c["predicted_fused_over_separate"] for c in fused], 0.4,
-               label="(4+8K)/12K byte count")
-        ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("fused time / K separate K=1 updates")
-        ax.set_title("Fusing K factors into one pass over the live weights")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "update_latency_fused.png", dpi=110)
-        plt.close(fig)
-        written.append("update_latency_fused.png")
+    written += _plots.bars(
+        out_dir, "update_latency_fused.png", [f"{c['model']} {c['layout']} K={c['num_factors']}" for c in fused],
+        [_plots.Series([c["fused_over_separate"]["median"] for c in fused], label="measured"),
+         _plots.Series([c["predicted_fused_over_separate"] for c in fused], label="(4+8K)/12K byte count")],
+        figsize=(7, 4), tick_style=_plots.SLANTED, ylabel="fused time / K separate K=1 updates",
+        title="Fusing K factors into one pass over the live weights", legend={"fontsize": 8})
     return written
 
 
+def rederive(result: dict) -> None:
+    """Fastest peers and targets again from the measurements of ``result``."""
+    for case in _ok(result["cases"], "k1_peers"):
+        mark_fastest_peer(case)
+    result["targets"] = targets(result["cases"])
+    for t in result["targets"] if result["mode"] == "quick" else []:
+        t["met"], t["note"] = None, "smoke run on a small model: not evaluated"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: one small model, few rounds")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", type=Path, default=C.DEFAULT_RESULTS, help="results directory")
+    parser = C.bench_parser(__doc__)
     parser.add_argument("--sizes", default="", help="comma-separated parameter counts, e.g. 10M,100M")
     parser.add_argument("--layouts", default="large,small", help="large (few big tensors), small (many small)")
     parser.add_argument("--rounds", type=int, default=0, help="override the number of interleaved rounds")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    parser.add_argument("--render-only", action="store_true",
-                        help="re-derive targets, tables and plots from the JSON already in --out (no measuring)")
-    args = parser.parse_args(argv)
-    if args.render_only:
-        result = json.loads((args.out / "update_latency.json").read_text())
-        for case in _ok(result["cases"], "k1_peers"):
-            mark_fastest_peer(case)
-        quick = result["mode"] == "quick"
-        result["targets"] = targets(result["cases"])
-        for t in result["targets"] if quick else []:
-            t["met"], t["note"] = None, "smoke run on a small model: not evaluated"
-    else:
-        result = run(args)
-    return C.write_outputs(result, args.out, "update_latency", plots, markdown)
+    return C.measure_or_render(parser.parse_args(argv), "update_latency", run, plots, markdown, rederive)
 
 
 if __name__ == "__main__":
