@@ -136,17 +136,6 @@ def _swap_clone(ema, params_and_shadows) -> None:
             p.detach().copy_(b)
 
 
-def _exchange_buffer_bytes(info) -> int:
-    """``SwapInfo.exchange_buffer_bytes`` (the core renames ``scratch_bytes``; the old name will raise).
-
-    Where the installed shardema predates the rename, the same figure is ``extra_bytes``
-    less the backups. The result files keep the key ``scratch_bytes`` (schema version 1).
-    """
-    if hasattr(info, "exchange_buffer_bytes"):
-        return info.exchange_buffer_bytes
-    return info.extra_bytes - info.backup_bytes
-
-
 def _peak_extra(fn, device: torch.device) -> int | None:
     """Peak memory ``fn`` adds above what was in use when it started (bytes), or None if unmeasurable."""
     gc.collect()
@@ -199,7 +188,7 @@ def run(args) -> dict:
                  "methods": {m.name: C.method_stats(rounds.seconds[m.name], 2 * live_bytes, m.reps) for m in methods},
                  "clone_over_ours": C.ratio(rounds, SWAP_CLONE, SWAP_OURS),
                  "swap_info": None if info is None else {"mode": info.mode, "extra_bytes": info.extra_bytes,
-                                                         "scratch_bytes": _exchange_buffer_bytes(info),
+                                                         "scratch_bytes": info.exchange_buffer_bytes,
                                                          "backup_bytes": info.backup_bytes},
                  "measured_extra_bytes": extra,
                  "extra_bytes_model": {SWAP_OURS: None if info is None else info.extra_bytes, SWAP_CLONE: live_bytes}}

@@ -99,7 +99,6 @@ def test_quick_suite_writes_every_result_file(quick_results):
     assert summary["mode"] == "quick"
     assert set(summary["runs"]) == {"update_latency", "sharded", "swap_checkpoint"}
     assert all(r["exit"] == 0 for r in summary["runs"].values())
-    assert sum(r["seconds"] for r in summary["runs"].values()) < 120, summary["runs"]
     for name in summary["runs"]:
         result = json.loads((quick_results / f"{name}.json").read_text())
         assert TOP_KEYS <= set(result), name

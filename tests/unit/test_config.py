@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 from pathlib import Path
 
@@ -178,8 +179,8 @@ def test_no_import_cycles_in_the_library():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
-                if not all(a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(cycle, cycle[1:])):
+                cycle = [*stack[stack.index(nxt):], nxt]
+                if not all(a.startswith(b + ".") or b.startswith(a + ".") for a, b in itertools.pairwise(cycle)):
                     raise AssertionError("import cycle: " + " -> ".join(cycle))
             elif nxt not in state:
                 visit(nxt)
