@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
-    except (FileNotFoundError, ValueError, NotImplementedError) as exc:
+    except (OSError, ValueError, NotImplementedError) as exc:  # the user's input: one line, no traceback
         print(f"shardema {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -93,10 +93,10 @@ def _fsdp_mlp_with_reference(**shard_options):
 def fsdp2_uneven(reshard_after_forward):
     model, ema, replica, averages = _fsdp_mlp_with_reference(reshard_after_forward=reshard_after_forward)
     _train(model, ema, replica, averages, steps=3, eval_forward=not reshard_after_forward)
-    plans = [g.plan for g in ema._groups]
+    plans = [g.plan for g in ema.store._groups]
     _train(model, ema, replica, averages, steps=3, eval_forward=not reshard_after_forward)
     # steady state: the foreach argument lists are reused, not rebuilt
-    assert [g.plan for g in ema._groups] == plans
+    assert [g.plan for g in ema.store._groups] == plans
     checked = _assert_matches_reference(ema, averages)
     rows = {t.fqn: t.local_shape[0] for t in ema.tracked()}
     return {"checked": checked, "rows": rows, "shadow_bytes": ema.shadow_bytes, "step": ema.step}

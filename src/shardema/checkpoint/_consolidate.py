@@ -92,8 +92,12 @@ class ConsolidatedReader:
         if len(self._handles) >= _MAX_OPEN_FILES:
             _, oldest = self._handles.popitem(last=False)
             oldest.__exit__(None, None, None)
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        handle.__enter__()
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            handle.__enter__()
+        except Exception as exc:  # safetensors' own error type names neither the file nor the fix
+            raise ValueError(f"{path}: not a readable safetensors file ({exc}); the checkpoint is corrupt: "
+                             f"run `shardema inspect --verify {self.root}` and export another tag") from None
         self._handles[path] = handle
         return handle
 
@@ -160,6 +164,8 @@ def consolidate_to_file(root, factor: float, out, model_path: str | None = None,
     Returns the path written.
     """
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the file to write, e.g. {out / 'ema.safetensors'}")
     with ConsolidatedReader(root, factor, model_path, tag) as reader:
         m = reader.manifest
         metadata = {"format": "shardema-consolidated", "format_version": str(FORMAT_VERSION),
@@ -181,7 +187,11 @@ def consolidate_to_file(root, factor: float, out, model_path: str | None = None,
             writer.abort()
             temp.unlink(missing_ok=True)
             raise
-    os.replace(temp, out)
+    try:
+        os.replace(temp, out)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     fsync_dir(out.parent)
     logger.info("wrote %d tensors (%d bytes) of ema=%s step %d to %s", len(reader.entries), reader.total_bytes,
                 factor_name(reader.factor), m["step"], out)

@@ -47,6 +47,9 @@ def list_checkpoints(root, verify: bool = False) -> list[CheckpointInfo]:
     header); a failure is reported in ``problem`` and the state becomes ``corrupt``.
     """
     root = Path(root)
+    if root.is_file():
+        raise ValueError(f"{root} is a file, not a checkpoint root: give the directory passed to ema.save "
+                         "(it holds one directory per model path, e.g. model/cp=latest)")
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint root {root} does not exist")
     infos: list[CheckpointInfo] = []

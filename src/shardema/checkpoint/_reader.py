@@ -35,7 +35,7 @@ from .._log import logger
 from .._shards import path_label
 from .._store import CheckpointLoad
 from ..config import DecaySchedule, check_model_paths
-from ._format import RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32, validate_tag
+from ._format import MANIFEST_NAME, RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32, validate_tag
 from ._io import file_crc32
 from ._manifest import Candidate, find_candidates, saved_factor
 from ._writer import group_root
@@ -230,6 +230,18 @@ def _agreed_problems(mine: list[str], group) -> list[str]:
     return [p for share in _dist.all_gather_objects(mine, group=group) for p in share]
 
 
+def _unchanged(candidate: Candidate) -> bool:
+    """True while every directory of ``candidate`` still holds that save (no commit renamed it away)."""
+    for version in candidate.versions.values():
+        try:  # only the save id is compared with the validated candidate: no full validation
+            saved = json.loads((version.directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return False
+        if not isinstance(saved, dict) or saved.get("save_id") != candidate.save_id:
+            return False
+    return True
+
+
 DISCOVERY_ATTEMPTS = 3
 """How often a resume looks again when a candidate moved away while it was read (a commit ran)."""
 
@@ -275,7 +287,7 @@ def _load_first(ema, load: CheckpointLoad, root: Path, tags) -> str | None:
             return tag
         moved = None
         if rank == 0:
-            moved = any(not v.directory.is_dir() for c in candidates for v in c.versions.values())
+            moved = not all(_unchanged(c) for c in candidates)
         if not _dist.broadcast_object(moved, src=group_root(group), group=group):
             return None
         logger.info("a candidate moved while it was read (a save committed); looking again (attempt %d)",
@@ -299,6 +311,8 @@ def _try_candidates(ema, load: CheckpointLoad, candidates: list[Candidate]) -> s
             error, unexpected = None, None
             try:
                 _load(ema, load, candidate)
+                if not _unchanged(candidate):
+                    raise FileNotFoundError(f"{candidate.describe()} was replaced by a newer save while it was read")
             except _CORRUPTION_ERRORS as exc:  # unreadable or failing a checksum: skip the candidate
                 error = f"rank {rank}: {type(exc).__name__}: {exc}"
             except Exception as exc:  # a bug or out of memory: not a reason to fall back silently
