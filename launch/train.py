@@ -24,7 +24,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import charlm
+from shardema import exit_with_launcher
 from shardema.callbacks import CallbackRunner
+from shardema.checkpoint import WriterLock
 from trainlib import CheckpointManager, TrainConfig, build_model, log_line, write_report
 
 
@@ -43,8 +45,10 @@ def main(argv=None) -> None:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    exit_with_launcher()  # a killed `shardema launch` takes its workers with it
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    run_lock = hold_run_folder(Path(config.run_dir), rank)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
@@ -89,7 +93,25 @@ def main(argv=None) -> None:
     if rank == 0:
         write_report(Path(config.run_dir))
     dist.barrier()  # no rank tears the group down while another still uses it
+    if run_lock is not None:
+        run_lock.release()
     dist.destroy_process_group()
+
+
+def hold_run_folder(run_dir: Path, rank: int) -> WriterLock | None:
+    """Collective: rank 0 locks the run folder for the whole job; a second job on it fails at once."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = WriterLock(run_dir, purpose="training").acquire()
+        except Exception as exc:
+            error = str(exc)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        dist.destroy_process_group()
+        raise SystemExit(f"rank {rank}: cannot train into {run_dir}: {box[0]}")
+    return lock
 
 
 if __name__ == "__main__":

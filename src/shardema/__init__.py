@@ -1,6 +1,7 @@
 """shardema: exponential moving averages of model weights for sharded PyTorch training."""
 
 from ._ema import EMAState, ShardedEMA
+from ._launch import exit_with_launcher
 from ._shards import reshard_fsdp
 from ._swap import SwapAbortedError, SwapInfo, SwapWriteError
 from .checkpoint import load_consolidated
@@ -16,6 +17,7 @@ __all__ = [
     "SwapAbortedError",
     "SwapInfo",
     "SwapWriteError",
+    "exit_with_launcher",
     "load_consolidated",
     "reshard_fsdp",
 ]

@@ -160,7 +160,7 @@ def test_checking_many_pieces_needs_memory_proportional_to_the_pieces():
 
 # -------------------------------------------------------------------- which version, which paths
 def test_resume_picks_the_intact_version_with_the_highest_step(tmp_path):
-    model, ema = _trained(6)
+    _, ema = _trained(6)
     ema.save(tmp_path, "latest")
     ema.update()
     ema.save(tmp_path, "last")
