@@ -259,9 +259,15 @@ def frozen_parameters(model: nn.Module, model_paths: Sequence[str | None]
 
 def collect(model: nn.Module, model_paths: Sequence[str | None], *, include_frozen: bool,
             buffers: BufferPolicy, group=None) -> list[TrackedTensor]:
-    """Describe every tracked parameter (and buffer, unless ignored) of every model path."""
+    """Describe every tracked parameter (and buffer, unless ignored) of every model path.
+
+    A tensor registered twice in one model path (tied weights) is tracked once, its
+    other names kept as aliases. A tensor shared by two model paths is tracked in each
+    (two shadows that receive the same updates), so each path is complete on its own:
+    swapping or exporting one path includes it; the swap exchanges it once.
+    """
     tracked: list[TrackedTensor] = []
-    seen: dict[int, TrackedTensor | None] = {}  # id -> its TrackedTensor (None: seen, not tracked)
+    seen: dict[int, TrackedTensor | None] = {}  # id -> its TrackedTensor in this path (None: not tracked)
 
     def first_sight(value, model_path, fqn) -> bool:
         if id(value) not in seen:
@@ -274,6 +280,7 @@ def collect(model: nn.Module, model_paths: Sequence[str | None], *, include_froz
     for model_path in model_paths:
         root = resolve_model_path(model, model_path)
         count_before = len(tracked)
+        seen.clear()
         for module_name, module in root.named_modules(remove_duplicate=False):
             for attr, param in module_parameters(module).items():
                 fqn = clean_fqn(f"{module_name}.{attr}" if module_name else attr)

@@ -142,8 +142,15 @@ class _Swap:
                  backup_to_host: bool):
         self.store = store
         self.targets = [t for t in targets if t.local_numel > 0]
+        lives = self._resolve()
+        # A tensor shared by two model paths has a shadow in each (equal values): swap it once.
+        first: dict[int, int] = {}
+        for i, live in enumerate(lives):
+            first.setdefault(id(live), i)
+        keep = sorted(first.values())
+        self.targets = [self.targets[i] for i in keep]
+        self._entry_lives = lives = [lives[i] for i in keep]
         self.shadows = [store.shadow(k, t.key) for t in self.targets]
-        self._entry_lives = lives = self._resolve()
         # Buffers are always backed up (they are small), so that a train-mode forward in the
         # body (BatchNorm running stats) never reaches their EMA: see [Note: writes in the body].
         exchange = [i for i, (t, live, shadow) in enumerate(zip(self.targets, lives, self.shadows))

@@ -182,3 +182,33 @@ def test_engine_options_reach_the_config():
     assert config.torch_shadow_dtype is None and config.model_paths == ("encoder", "decoder")
     import torch
     assert EmaCallbackConfig().torch_shadow_dtype is torch.float32
+
+
+def test_a_dotted_kind_never_imports_a_module_that_was_not_allowed(tmp_path, monkeypatch):
+    import sys
+
+    from shardema.callbacks import allow_callback_imports
+
+    package = tmp_path / "third_party_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "side_effect.py").write_text("import pathlib\npathlib.Path(__file__).with_name('IMPORTED').touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValidationError, match="allow_callback_imports\\('third_party_pkg'\\)"):
+        CallbackConfig.model_validate({"kind": "third_party_pkg.side_effect.Thing"})
+    assert not (package / "IMPORTED").exists() and "third_party_pkg.side_effect" not in sys.modules
+    allow_callback_imports("third_party_pkg")
+    with pytest.raises(ValidationError, match="does not name a registered callback"):
+        CallbackConfig.model_validate({"kind": "third_party_pkg.side_effect.Thing"})
+    assert (package / "IMPORTED").exists()  # allowed: imported, and still refused (not a callback)
+    with pytest.raises(ValueError, match="not a package name"):
+        allow_callback_imports("../x")
+
+
+def test_after_epoch_before_any_update_says_so():
+    from shardema.callbacks import CallbackRunner, MemoryWriter
+
+    runner = CallbackRunner([], writer=MemoryWriter(), updates_per_epoch=4)
+    runner.before_training()
+    with pytest.raises(ValueError, match="before any after_update"):
+        runner.after_epoch()

@@ -91,3 +91,47 @@ def test_unfreezing_a_parameter_left_out_as_frozen_raises_naming_it():
     ema = ShardedEMA(model, [0.9], include_frozen=False)
     model[0].weight.requires_grad_(False)
     ema.update()
+
+
+class _TiedAcrossPaths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 4))
+        self.decoder = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 6, bias=False))
+        self.decoder[1].weight = self.encoder[0].weight  # tied: one Parameter in two model paths
+
+
+def test_a_weight_tied_across_two_model_paths_is_complete_in_each(tmp_path):
+    from safetensors.torch import load_file
+
+    import shardema
+
+    model = _TiedAcrossPaths()
+    ema = ShardedEMA(model, [0.5], model_paths=["encoder", "decoder"])
+    keys = {t.key for t in ema.tracked()}
+    assert ("encoder", "0.weight") in keys and ("decoder", "1.weight") in keys
+    tied = model.encoder[0].weight
+    reference = tied.detach().double().clone()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        ema.update()
+        reference = 0.5 * reference + 0.5 * tied.detach().double()
+    for key in (("encoder", "0.weight"), ("decoder", "1.weight")):
+        torch.testing.assert_close(ema.shadow(0.5, key).double(), reference, rtol=0, atol=1e-6)
+    live = tied.detach().clone()
+    with ema.swapped(0.5, "decoder"):  # the decoder alone sees the tied weight's EMA
+        torch.testing.assert_close(model.decoder[1].weight.double(), reference, rtol=0, atol=1e-6)
+    assert torch.equal(tied, live)
+    with ema.swapped(0.5):  # both paths: the shared tensor is exchanged once, restored bit-exact
+        torch.testing.assert_close(tied.double(), reference, rtol=0, atol=1e-6)
+    assert torch.equal(tied, live)
+    ema.save(tmp_path, "latest")
+    out = tmp_path / "decoder.safetensors"
+    shardema.checkpoint.consolidate_to_file(tmp_path, 0.5, out, model_path="decoder")
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 6, bias=False))
+    fresh.load_state_dict(load_file(out), strict=True)
+    torch.testing.assert_close(fresh[1].weight.double(), reference, rtol=0, atol=1e-6)

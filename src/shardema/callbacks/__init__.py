@@ -29,7 +29,7 @@ from ._metrics import (
     default_writer,
 )
 from ._offline_loss import OfflineLossCallback, batch_size_of, mean_over_ranks
-from ._registry import registered_callbacks, resolve_kind
+from ._registry import allow_callback_imports, registered_callbacks, resolve_kind
 from ._runner import CallbackRunner, RunnerState
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "RunnerState",
     "TensorBoardWriter",
     "UpdateCounter",
+    "allow_callback_imports",
     "batch_size_of",
     "build_callback",
     "default_writer",

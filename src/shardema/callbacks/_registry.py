@@ -8,14 +8,18 @@ built-in kinds are imported on first use.
 A ``kind`` is either the short name a callback was registered under
 (``EmaCallback``) or a dotted import path to a registered callback class
 (``shardema.callbacks.EmaCallback``, ``my_project.callbacks.MyEval``). A dotted
-path imports its module, which registers the classes it defines, and then must
-name a registered class: configs never instantiate arbitrary objects. Every kind
-is stored in its short form, so dumped configs are canonical.
+path must name a registered class: configs never instantiate arbitrary objects.
+Nor do they import arbitrary modules: a dotted path's module is imported only when
+it is shardema's own or its package was allowed with
+:func:`allow_callback_imports` (``allow_callback_imports("my_project")``);
+otherwise it must already be imported. Every kind is stored in its short form, so
+dumped configs are canonical.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 _REGISTRY: dict[str, type] = {}
@@ -26,6 +30,26 @@ _BUILTINS: dict[str, str] = {
 }
 """Built-in kinds and the module that defines each: imported on first use, so validating a
 config never depends on which modules happened to be imported before."""
+
+
+_IMPORTABLE: set[str] = {"shardema"}
+
+
+def allow_callback_imports(*packages: str) -> None:
+    """Let configs import the modules of these packages to find dotted ``kind`` paths.
+
+    ``allow_callback_imports("my_project")`` makes ``kind: my_project.callbacks.MyEval``
+    import ``my_project.callbacks`` when needed. Without it, a config can name only
+    classes whose module is already imported.
+    """
+    for package in packages:
+        if not isinstance(package, str) or not all(part.isidentifier() for part in package.split(".")):
+            raise ValueError(f"{package!r} is not a package name such as 'my_project'")
+        _IMPORTABLE.add(package)
+
+
+def _import_allowed(module_name: str) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in _IMPORTABLE)
 
 
 def add(key: str, klass: type) -> None:
@@ -78,11 +102,18 @@ def resolve_kind(kind: object) -> tuple[str, type]:
         raise ValueError(f"unknown callback kind {kind!r}; known kinds: {known_kinds()} "
                          "(or a dotted import path to a registered callback class)")
     module_name, _, attr = kind.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"kind {kind!r}: cannot import module {module_name!r} ({exc}); "
-                         f"known kinds: {known_kinds()}") from None
+    module = sys.modules.get(module_name)
+    if module is None:
+        if not _import_allowed(module_name):
+            top = module_name.split(".")[0]
+            raise ValueError(f"kind {kind!r}: module {module_name!r} is not imported, and configs import only "
+                             f"allowed packages; import it before loading the config, or call "
+                             f"shardema.callbacks.allow_callback_imports({top!r}); known kinds: {known_kinds()}")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"kind {kind!r}: cannot import module {module_name!r} ({exc}); "
+                             f"known kinds: {known_kinds()}") from None
     target = getattr(module, attr, None)
     for short, klass in registered_callbacks().items():
         if klass is target:

@@ -187,6 +187,10 @@ class CallbackRunner:
         counter = self.update_counter
         if self._epoch_closed_at == counter.update:
             return
+        if counter.update == 0 and counter.updates_per_epoch is not None:
+            raise ValueError(f"after_epoch() before any after_update(): with updates_per_epoch="
+                             f"{counter.updates_per_epoch} an epoch ends after that many updates; call "
+                             "runner.after_update() after every optimizer.step()")
         if counter.updates_per_epoch is not None:
             raise ValueError(
                 f"after_epoch() at update {counter.update}, which is not a multiple of updates_per_epoch="
