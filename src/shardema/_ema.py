@@ -14,11 +14,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
 
 from ._compat import DTensor, local_tensor
 from ._log import logger
-from ._shards import TrackedTensor, path_label
+from ._shards import Model, TrackedTensor, model_parts, path_label
 from ._store import CheckpointLoad, Key, ShadowStore
 from ._swap import SwapInfo, swap_session
 from .config import RENAMED_OPTIONS, SCHEDULE_FIELDS, DecaySchedule, EMAConfig, check_model_paths, factors_match
@@ -67,7 +66,9 @@ class ShardedEMA:
 
     Args:
         model: the live module: plain, DDP-wrapped, FSDP2 ``fully_shard``-ed, or with
-            DTensor parameters (tensor parallel, HSDP).
+            DTensor parameters (tensor parallel, HSDP, expert parallel); or the list of
+            model parts this rank holds under pipeline parallelism (each keeping the full
+            model's FQNs for its own layers, as torchtitan's stages do).
         config: an :class:`~shardema.EMAConfig`, or just the target factors (one decay or
             a list of distinct decays in (0, 1)).
         process_group: the group the model is sharded over (default: the world).
@@ -83,10 +84,9 @@ class ShardedEMA:
         ema = ShardedEMA(model, EMAConfig(target_factors=[0.999]))     # the same, as a config
     """
 
-    def __init__(self, model: nn.Module, config: EMAConfig | float | Sequence[float] | None = None, *,
+    def __init__(self, model: Model, config: EMAConfig | float | Sequence[float] | None = None, *,
                  process_group=None, **options: Any):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model_parts(model)  # validates: a module, or a non-empty list of model parts
         self.config: EMAConfig = build_config(config, options)
         """The validated options (frozen)."""
         self.model = model

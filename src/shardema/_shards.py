@@ -18,12 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import _dist
 from ._compat import (
     DTensor,
     FSDPModule,
-    Replicate,
-    Shard,
     compiled_inner_module,
     compute_local_shape_and_global_offset,
     local_tensor,
@@ -42,7 +39,21 @@ _WRAPPER_PARTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wr
 
 
 
-def reshard_fsdp(model: nn.Module) -> None:
+Model = nn.Module | Sequence[nn.Module]
+"""A model, or the parts of one model this rank holds (pipeline stages, interleaved schedules)."""
+
+
+def model_parts(model: Model) -> tuple[nn.Module, ...]:
+    """The modules of ``model``: itself, or the model parts given as a list (validated)."""
+    if isinstance(model, nn.Module):
+        return (model,)
+    if isinstance(model, (list, tuple)) and model and all(isinstance(m, nn.Module) for m in model):
+        return tuple(model)
+    raise TypeError(f"model must be an nn.Module or a non-empty list of the model parts (nn.Module) this rank holds, "
+                    f"got {type(model).__name__}")
+
+
+def reshard_fsdp(model: Model) -> None:
     """Reshard every FSDP2 module under ``model`` so parameters are sharded DTensors again.
 
     After a forward with ``reshard_after_forward=False`` (or an eval forward of the root),
@@ -51,9 +62,10 @@ def reshard_fsdp(model: nn.Module) -> None:
     """
     if FSDPModule is None:  # pragma: no cover - builds without distributed support
         return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    for part in model_parts(model):
+        for module in part.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
@@ -100,7 +112,7 @@ class TrackedTensor:
     global_offset: tuple[int, ...]
     mesh: DeviceMesh | None  # set for DTensors
     placements: tuple | None
-    writes_checkpoint: bool  # False on ranks that hold a duplicate replica of this piece
+    writes_checkpoint: bool  # claims its piece for checkpoints (the lowest claiming rank writes it)
     blended: bool  # averaged (floating parameters; float buffers under "average"); else copied
     aliases: list[str] = field(default_factory=list)  # other FQNs of the same tensor (tied weights)
 
@@ -158,10 +170,14 @@ def describe(model_path: str | None, fqn: str, owner: nn.Module, attr: str, valu
     if isinstance(value, DTensor):
         placements = tuple(value.placements)
         for placement in placements:
-            if not isinstance(placement, (Shard, Replicate)):
+            # Any sharding or replication torch produces is taken as torch describes it
+            # (Shard, _StridedShard, Replicate, on any number of mesh dims); a pending
+            # reduction has no value yet to average.
+            if placement.is_partial():
                 raise NotImplementedError(
-                    f"{fqn!r} has placement {placement}; shardema supports Shard and Replicate "
-                    "placements only (redistribute Partial tensors before creating the EMA)"
+                    f"{fqn!r} has placement {placement}: a pending reduction, not a value; redistribute it to "
+                    "Shard or Replicate (e.g. dtensor.redistribute(placements=[Replicate()])) before creating "
+                    "the EMA"
                 )
         mesh = value.device_mesh
         global_shape = tuple(value.shape)
@@ -170,16 +186,14 @@ def describe(model_path: str | None, fqn: str, owner: nn.Module, attr: str, valu
         if actual != local_shape:
             raise AssertionError(f"{fqn!r}: local shape {actual} != expected {local_shape} for {placements}")
         coordinate = list(mesh.get_coordinate() or ())
-        writes = all(
-            coordinate[dim] == 0 for dim, p in enumerate(placements) if isinstance(p, Replicate)
-        )
+        writes = all(coordinate[dim] == 0 for dim, p in enumerate(placements) if p.is_replicate())
         # A rank holding an empty piece has nothing to write.
         writes = writes and math.prod(local_shape) > 0
         return TrackedTensor(model_path, fqn, owner, attr, is_buffer, value.dtype, local_tensor(value).device,
                              global_shape, local_shape, offset, mesh, placements, writes, blended)
     shape = tuple(value.shape)
     return TrackedTensor(model_path, fqn, owner, attr, is_buffer, value.dtype, value.device, shape, shape,
-                         (0,) * len(shape), None, None, _dist.rank(group) == 0, blended)
+                         (0,) * len(shape), None, None, math.prod(shape) > 0, blended)
 
 
 def _named_modules(root: nn.Module) -> dict[str, nn.Module]:
@@ -219,13 +233,12 @@ ModuleEdge = tuple[nn.Module, str, nn.Module, str]
 """``(parent, attribute name, child, dotted path of the child)``."""
 
 
-def module_edges(model: nn.Module, owners: Sequence[nn.Module]) -> list[ModuleEdge]:
+def module_edges(model: Model, owners: Sequence[nn.Module]) -> list[ModuleEdge]:
     """Every ``(parent, name, child, path)`` registration on the way from ``model`` down to each of ``owners``.
 
     ``parent._modules[name] is child`` for all of them as long as no submodule on the
     way was replaced; ``update()`` checks that cheaply (see ``_store``).
     """
-    root = unwrap_ddp(model)
     wanted = {id(m) for m in owners}
     edges: list[ModuleEdge] = []
     seen: set[tuple[int, str]] = set()
@@ -241,23 +254,40 @@ def module_edges(model: nn.Module, owners: Sequence[nn.Module]) -> list[ModuleEd
                 path = f"{trail[-1][3]}.{name}" if trail else name
                 walk(child, [*trail, (module, name, child, clean_fqn(path) or path)])
 
-    walk(root, [])
+    for part in model_parts(model):
+        walk(unwrap_ddp(part), [])
     return edges
 
 
-def frozen_parameters(model: nn.Module, model_paths: Sequence[str | None]
+def frozen_parameters(model: Model, model_paths: Sequence[str | None]
                       ) -> list[tuple[str | None, str, nn.Parameter]]:
     """``(model path, fqn, parameter)`` of every parameter with ``requires_grad=False`` in the model paths."""
     found = []
     for model_path in model_paths:
-        root = resolve_model_path(model, model_path)
-        for name, param in root.named_parameters():
-            if not param.requires_grad:
-                found.append((model_path, clean_fqn(name), param))
+        for root in _path_roots(model, model_path):
+            for name, param in root.named_parameters():
+                if not param.requires_grad:
+                    found.append((model_path, clean_fqn(name), param))
     return found
 
 
-def collect(model: nn.Module, model_paths: Sequence[str | None], *, include_frozen: bool,
+def _path_roots(model: Model, model_path: str | None) -> list[nn.Module]:
+    """The submodule at ``model_path`` in every model part that has it (at least one must)."""
+    parts = model_parts(model)
+    if len(parts) == 1:
+        return [resolve_model_path(parts[0], model_path)]
+    roots, first_error = [], None
+    for part in parts:
+        try:
+            roots.append(resolve_model_path(part, model_path))
+        except ValueError as exc:
+            first_error = first_error or exc
+    if not roots:
+        raise ValueError(f"model path {model_path!r} is in none of the {len(parts)} model parts ({first_error})")
+    return roots
+
+
+def collect(model: Model, model_paths: Sequence[str | None], *, include_frozen: bool,
             buffers: BufferPolicy, group=None) -> list[TrackedTensor]:
     """Describe every tracked parameter (and buffer, unless ignored) of every model path.
 
@@ -278,10 +308,11 @@ def collect(model: nn.Module, model_paths: Sequence[str | None], *, include_froz
         return False
 
     for model_path in model_paths:
-        root = resolve_model_path(model, model_path)
         count_before = len(tracked)
         seen.clear()
-        for module_name, module in root.named_modules(remove_duplicate=False):
+        modules = [(name, module) for root in _path_roots(model, model_path)
+                   for name, module in root.named_modules(remove_duplicate=False)]
+        for module_name, module in modules:
             for attr, param in module_parameters(module).items():
                 fqn = clean_fqn(f"{module_name}.{attr}" if module_name else attr)
                 if param is None or not first_sight(param, model_path, fqn):
@@ -300,6 +331,13 @@ def collect(model: nn.Module, model_paths: Sequence[str | None], *, include_froz
                     continue
                 tracked.append(describe(model_path, fqn, module, attr, value, True, buffers, group))
                 seen[id(value)] = tracked[-1]
+        names: dict[str, TrackedTensor] = {}
+        for t in tracked[count_before:]:
+            if t.fqn in names:  # only possible across model parts
+                raise ValueError(f"model parts hold two different tensors named {t.fqn!r} (model path "
+                                 f"{path_label(model_path)!r}); give the parts of one model, each keeping the full "
+                                 "model's FQNs for its own layers (as torchtitan's pipeline stages do)")
+            names[t.fqn] = t
         if not any(not t.is_buffer for t in tracked[count_before:]):
             raise ValueError(
                 f"model path {path_label(model_path)!r} has no parameters to average"

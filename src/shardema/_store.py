@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import nn
 
 from ._compat import module_children
 from ._kernels import CPU_BATCH_NUMEL, LerpPlan
 from ._shards import (
+    Model,
     TrackedTensor,
     collect,
     frozen_parameters,
@@ -75,7 +75,7 @@ class ShadowStore:
         process_group: the group the model is sharded over (replica dedupe on save).
     """
 
-    def __init__(self, model: nn.Module, config: EMAConfig, process_group=None):
+    def __init__(self, model: Model, config: EMAConfig, process_group=None):
         self.model = model
         self.config = config
         self.process_group = process_group

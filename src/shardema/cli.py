@@ -80,6 +80,9 @@ def _run_inspect(args) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for i in infos:
+        if i.step is not None:
+            print(f"{i.model_path}/cp={i.tag}: {i.layout()}")
+    for i in infos:
         if i.problem:
             print(f"{i.model_path}/cp={i.tag}: {i.problem}")
     return 0

@@ -33,7 +33,17 @@ class CheckpointInfo:
     created_unix: float | None = None
     files: int = 0
     bytes: int = 0
+    placements: dict = field(default_factory=dict)
+    """Placements (text) -> how many tensors have them (``"plain"`` for plain tensors)."""
+    pieces_per_rank: dict = field(default_factory=dict)
+    """Rank -> pieces it wrote for the first factor (pipeline stages write disjoint sets)."""
     problem: str | None = None
+
+    def layout(self) -> str:
+        """One line: meshes, placements and who wrote what."""
+        placements = ", ".join(f"{p} x{n}" for p, n in sorted(self.placements.items()))
+        ranks = "/".join(str(self.pieces_per_rank[r]) for r in sorted(self.pieces_per_rank))
+        return f"meshes {self.mesh_shapes or '-'}; placements {placements or '-'}; pieces per rank {ranks or '-'}"
 
     def as_dict(self) -> dict:
         """Plain-JSON form."""
@@ -73,6 +83,13 @@ def list_checkpoints(root, verify: bool = False) -> list[CheckpointInfo]:
             info.save_id, info.created_unix = manifest["save_id"], manifest.get("created_unix")
             info.files = len(manifest["files"])
             info.bytes = sum(f["size"] for f in manifest["files"])
+            for entry in manifest["tensors"].values():
+                key = entry.get("placements") or "plain"
+                info.placements[key] = info.placements.get(key, 0) + 1
+            first = manifest["factors"][0]
+            for entry in manifest["files"]:
+                if entry["factor"] == first:
+                    info.pieces_per_rank[entry["rank"]] = len(entry["pieces"])
             complete = any(c.save_id == manifest["save_id"]
                            for c in find_candidates(root, [manifest["model_path"]], tag))
             info.state = ("old" if kind == "old" else "committed") if complete else "incomplete"

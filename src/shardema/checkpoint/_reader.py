@@ -38,6 +38,7 @@ from ..config import DecaySchedule, check_model_paths
 from ._format import MANIFEST_NAME, RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32, validate_tag
 from ._io import file_crc32
 from ._manifest import Candidate, find_candidates, saved_factor
+from ._table import Table, local_table, union_tables
 from ._writer import group_root
 
 
@@ -45,8 +46,14 @@ class CheckpointMismatchError(ValueError):
     """The saved structure differs from the EMA's (model paths, factors, FQNs or shapes)."""
 
 
-def structure_differences(ema, candidate: Candidate) -> list[str]:
-    """Every difference between the EMA and a candidate, one line each (empty when they match)."""
+def structure_differences(ema, candidate: Candidate, live_table: Table | None = None) -> list[str]:
+    """Every difference between the EMA and a candidate, one line each (empty when they match).
+
+    ``live_table`` is the union of every rank's tensor table (see ``_table``); without it,
+    this rank's own tensors are compared (a single process).
+    """
+    if live_table is None:
+        live_table = local_table(ema)
     where = cp_dirname(candidate.tag)
     differences = []
     tracked_paths = list(ema.model_paths)
@@ -66,12 +73,12 @@ def structure_differences(ema, candidate: Candidate) -> list[str]:
             continue
         saved = version.manifest["tensors"]
         label = path_label(mp)
-        live = {t.fqn: t for t in ema.tracked([mp])}
-        for fqn, t in live.items():
+        live = live_table.get(mp, {})
+        for fqn, info in live.items():
             if fqn not in saved:
-                differences.append(f"{label}: missing {fqn!r} (shape {list(t.global_shape)}) in {where}")
-            elif list(t.global_shape) != saved[fqn]["global_shape"]:
-                differences.append(f"{label}: {fqn!r} has shape {list(t.global_shape)} in the model but "
+                differences.append(f"{label}: missing {fqn!r} (shape {info['global_shape']}) in {where}")
+            elif info["global_shape"] != saved[fqn]["global_shape"]:
+                differences.append(f"{label}: {fqn!r} has shape {info['global_shape']} in the model but "
                                    f"{saved[fqn]['global_shape']} in {where}")
         for fqn, info in saved.items():
             if fqn not in live:
@@ -259,6 +266,10 @@ def _load_first(ema, load: CheckpointLoad, root: Path, tags) -> str | None:
     """
     group = ema.process_group
     rank = _dist.rank(group)
+    # The model as a whole: ranks of different pipeline stages hold different tensors.
+    live_table, conflicts = union_tables(_dist.all_gather_objects(local_table(ema), group=group))
+    if conflicts:
+        raise ValueError(f"ranks describe tensors differently: {'; '.join(conflicts[:5])}")
     for attempt in range(DISCOVERY_ATTEMPTS):
         found: tuple[list[Candidate], list[str], list] | str | None = None
         if rank == 0:
@@ -282,7 +293,7 @@ def _load_first(ema, load: CheckpointLoad, root: Path, tags) -> str | None:
         if rank == 0:
             for problem in problems:
                 logger.warning("ignoring %s", problem)
-        tag = _try_candidates(ema, load, candidates)
+        tag = _try_candidates(ema, load, candidates, live_table)
         if tag is not None or not candidates:
             return tag
         moved = None
@@ -295,12 +306,12 @@ def _load_first(ema, load: CheckpointLoad, root: Path, tags) -> str | None:
     return None
 
 
-def _try_candidates(ema, load: CheckpointLoad, candidates: list[Candidate]) -> str | None:
+def _try_candidates(ema, load: CheckpointLoad, candidates: list[Candidate], live_table: Table) -> str | None:
     """Collective: verify and load the candidates in order; the tag of the first that loads, or None."""
     group = ema.process_group
     rank, world = _dist.rank(group), _dist.world_size(group)
     for candidate in candidates:
-        differences = structure_differences(ema, candidate)
+        differences = structure_differences(ema, candidate, live_table)
         if differences:
             raise CheckpointMismatchError(
                 f"the EMA checkpoint {candidate.describe()} does not match this EMA "

@@ -63,6 +63,7 @@ from ._format import (
 from ._io import SafetensorsStreamWriter, fsync_dir, make_dirs, write_bytes_atomic
 from ._lock import WriterLock
 from ._manifest import find_candidates, validate_manifest
+from ._table import local_table, mesh_shape, union_tables
 
 
 def group_root(group) -> int:
@@ -134,10 +135,6 @@ def cleanup_leftovers(root: Path, model_paths, keep_save_id: str | None = None) 
     return removed
 
 
-def _mesh_shape(t) -> list[int] | None:
-    return None if t.mesh is None else [int(s) for s in t.mesh.shape]
-
-
 def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, world: int) -> dict | None:
     """Write this rank's pieces of one (model path, factor); return its manifest entry."""
     writers = [t for t in ema.tracked([mp]) if (t.model_path, t.fqn, t.global_offset) in plan["writes"]]
@@ -149,13 +146,13 @@ def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, wo
         pieces[t.fqn] = {
             "offset": list(t.global_offset), "shape": list(t.local_shape), "crc32": tensor_crc32(shadows[t.fqn]),
             "global_shape": list(t.global_shape), "dtype": dtype_name(shadows[t.fqn].dtype),
-            "blended": t.blended, "is_buffer": t.is_buffer, "mesh_shape": _mesh_shape(t),
+            "blended": t.blended, "is_buffer": t.is_buffer, "mesh_shape": mesh_shape(t),
             "placements": None if t.placements is None else str(tuple(t.placements)),
         }
     mesh_shapes = []
     for t in writers:
-        if t.mesh is not None and _mesh_shape(t) not in mesh_shapes:
-            mesh_shapes.append(_mesh_shape(t))
+        if t.mesh is not None and mesh_shape(t) not in mesh_shapes:
+            mesh_shapes.append(mesh_shape(t))
     metadata = {
         "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "save_id": plan["save_id"],
         "tag": plan["tag"], "model_path": json.dumps(mp), "factor": factor_name(factor), "step": str(ema.step),
@@ -184,13 +181,11 @@ def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, wo
 
 
 def _build_manifest(ema, mp, plan: dict, world: int, files: list[dict]) -> dict:
-    tensors, mesh_shapes = {}, []
-    for t in ema.tracked([mp]):
-        shadow = ema.shadow(0, t.key)
-        tensors[t.fqn] = {"global_shape": list(t.global_shape), "dtype": dtype_name(shadow.dtype),
-                          "blended": t.blended, "is_buffer": t.is_buffer, "aliases": list(t.aliases)}
-        if t.mesh is not None and _mesh_shape(t) not in mesh_shapes:
-            mesh_shapes.append(_mesh_shape(t))
+    tensors = plan["table"][mp]  # the union over ranks (see _table)
+    mesh_shapes: list[list[int]] = []
+    for info in tensors.values():
+        if info["mesh_shape"] is not None and info["mesh_shape"] not in mesh_shapes:
+            mesh_shapes.append(info["mesh_shape"])
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "save_id": plan["save_id"],
         "created_unix": plan["created"], "tag": plan["tag"], "model_path": mp,
@@ -261,6 +256,7 @@ def save_ema(ema, root, tag: str = "latest") -> str:
     # held by several ranks (replicas outside the DTensor's mesh, e.g. DDP around tensor
     # parallelism) is written by the lowest of them only.
     claims = {(t.model_path, t.fqn, t.global_offset) for t in ema.tracked() if t.writes_checkpoint}
+    table = local_table(ema)
     with ExitStack() as locks:
         proposal = None
         if rank == 0:
@@ -270,7 +266,7 @@ def save_ema(ema, root, tag: str = "latest") -> str:
                     locks.enter_context(WriterLock(root / path_label(mp)))
             except Exception as exc:  # another writer, or an unwritable root: every rank raises
                 proposal["lock_error"] = f"{type(exc).__name__}: {exc}"
-        gathered = _dist.all_gather_objects((proposal, claims), group=group)
+        gathered = _dist.all_gather_objects((proposal, claims, table), group=group)
         lock_error = gathered[0][0]["lock_error"]
         if lock_error:
             raise RuntimeError(f"saving the EMA checkpoint {cp_dirname(tag)} under {root} failed on rank 0: "
@@ -283,8 +279,11 @@ def _save_locked(ema, root: Path, tag: str, gathered: list, claims: set, rank: i
     """Steps 2-7 of the commit protocol, while rank 0 holds the writer locks."""
     group = ema.process_group
     plan = dict(gathered[0][0])
-    earlier = set().union(*(c for _, c in gathered[:rank])) if rank else set()
+    earlier = set().union(*(c for _, c, _ in gathered[:rank])) if rank else set()
     plan["writes"] = claims - earlier
+    plan["table"], conflicts = union_tables([t for _, _, t in gathered])
+    if conflicts:  # the same on every rank: all raise, nothing written
+        raise ValueError(f"ranks describe tensors differently, nothing was saved: {'; '.join(conflicts[:5])}")
     error: BaseException | None = None
     entries: list[dict] = []
     try:
