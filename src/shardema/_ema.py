@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import _dist
 from ._compat import DTensor, local_tensor
 from ._log import logger
 from ._shards import Model, TrackedTensor, model_parts, path_label
@@ -92,12 +93,33 @@ class ShardedEMA:
         self.model = model
         self.process_group = process_group
         self._step = 0
+        self._samples_seen = 0.0  # samples before the next update() (the edm schedule's clock)
+        self._samples_pending = 0.0  # samples since the last firing
         self._state = EMAState.IDLE
         self._schedule: DecaySchedule = self.config.schedule
         self._store = ShadowStore(model, self.config, process_group)
         self._store.copy_from_live()
+        self._warn_about_options()
         logger.info("tracking %d tensors in %d model path(s) with factors %s: %d shadow bytes on this rank",
                     len(self._store.tracked()), len(self.model_paths), list(self.target_factors), self.shadow_bytes)
+
+    def _warn_about_options(self) -> None:
+        """Warn where peers warn: options the schedule ignores, shadows too coarse for the decays."""
+        ignored = self._schedule.ignored_options()
+        if ignored:
+            logger.warning("schedule kind %r ignores %s; remove them or pick the kind that uses them",
+                           self._schedule.kind, ", ".join(ignored))
+        coarse = sorted({self._store.shadow(0, t.key).dtype for t in self._store.tracked() if t.blended}
+                        & {torch.bfloat16, torch.float16}, key=str)
+        for dtype in coarse:
+            eps = torch.finfo(dtype).eps
+            frozen = [f for f in self.target_factors if 1.0 - f < eps]
+            if frozen:
+                logger.warning(
+                    "%s shadows (resolution %.3g) with decay %s: an update moves a shadow by (1 - decay) x the "
+                    "difference to the live weight, below the resolution unless that difference exceeds the weight "
+                    "itself, so the EMA barely moves; use shadow_dtype='float32' or decays below %.4f",
+                    str(dtype).removeprefix("torch."), eps, frozen, 1.0 - eps)
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -184,28 +206,61 @@ class ShardedEMA:
             raise RuntimeError(f"ema.{what}() was called inside `with ema.swapped(...)`; call it after the block exits")
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, num_samples: int | None = None) -> None:
         """Apply one EMA step to every factor; call after ``optimizer.step()``.
 
         Local shards are re-resolved on every call; the decay comes from the schedule
         in Python floats, so the call neither syncs with the device nor allocates.
+
+        Args:
+            num_samples: training samples in this step (all ranks). Only the ``edm``
+                schedule reads it; it defaults to the schedule's ``samples_per_update``.
         """
         self._require_idle("update")
         self._store.check_structure()
         step, schedule = self._step, self._schedule
+        samples = self._samples_of(num_samples)
         if schedule.is_tracking(step):
             self._store.copy_from_live()
+            self._samples_pending = 0.0
         elif schedule.is_update_step(step):
-            self._store.lerp([1.0 - schedule.decay(f, step) for f in self.target_factors])
+            # The samples since the previous firing, and those seen before them: update_every=4 with
+            # batch b averages like update_every=1 with batch 4b.
+            window, before = self._samples_pending + samples, self._samples_seen - self._samples_pending
+            self._store.lerp([1.0 - schedule.decay(f, step, window, before) for f in self.target_factors])
+            self._samples_pending = 0.0
         else:
             self._store.copy_copied()
+            self._samples_pending += samples
+        self._samples_seen += samples
         self._step = step + 1
+
+    def _samples_of(self, num_samples: int | None) -> float:
+        if num_samples is not None:
+            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+                raise ValueError(f"num_samples={num_samples!r} must be a non-negative int (samples in this step)")
+            return float(num_samples)
+        if self._schedule.samples_per_update is not None:
+            return float(self._schedule.samples_per_update)
+        if self._schedule.kind == "edm":
+            raise ValueError("the edm schedule counts samples: call ema.update(num_samples=global_batch_size), or set "
+                             "samples_per_update in the schedule")
+        return 0.0
+
+    @property
+    def samples_seen(self) -> float:
+        """Training samples counted by ``update(num_samples=...)`` so far (restored by a load)."""
+        return self._samples_seen
 
     @torch.no_grad()
     def reset_to_live(self) -> None:
         """Set every shadow to the current live weights (the step counter is kept)."""
         self._require_idle("reset_to_live")
         self._store.copy_from_live()
+
+    def counters(self) -> dict[str, float]:
+        """The sample counters the ``edm`` schedule needs, as saved in checkpoints."""
+        return {"samples_seen": self._samples_seen, "samples_pending": self._samples_pending}
 
     def current_decays(self) -> dict[float, float]:
         """Decay the next ``update()`` applies, per factor: 0 when it copies the live weights
@@ -214,7 +269,9 @@ class ShardedEMA:
             return dict.fromkeys(self.target_factors, 0.0)
         if not self._schedule.is_update_step(self._step):
             return dict.fromkeys(self.target_factors, 1.0)
-        return {f: self._schedule.decay(f, self._step) for f in self.target_factors}
+        samples = self._samples_pending + (self._schedule.samples_per_update or 0)
+        before = self._samples_seen - self._samples_pending
+        return {f: self._schedule.decay(f, self._step, samples, before) for f in self.target_factors}
 
     # ------------------------------------------------------------------ swap
     @contextmanager
@@ -268,10 +325,42 @@ class ShardedEMA:
         finally:
             self._state = EMAState.IDLE
 
+    @torch.no_grad()
+    def copy_to(self, factor: float, model_paths: Sequence[str | None] | str | None = None) -> None:
+        """Collective: the model keeps the EMA weights of ``factor`` for good (e.g. at the end of training).
+
+        Every rank copies its shadows into its live local shards (cast to the live dtype);
+        the EMA itself is unchanged and goes on from its shadows. All ranks agree on the
+        outcome with one small collective: if any rank failed, every rank raises.
+        ``model_paths``: copy only these model paths (default: all of the EMA's).
+        """
+        self._require_idle("copy_to")
+        k = self.factor_index(factor)
+        targets = [t for t in self.tracked(model_paths) if t.local_numel > 0]
+        failure: BaseException | None = None
+        try:
+            lives = self._store.resolve_lives(targets)
+            seen: set[int] = set()
+            for t, live in zip(targets, lives):
+                if id(live) not in seen:  # a tensor shared by two model paths: once
+                    seen.add(id(live))
+                    live.copy_(self._store.shadow(k, t.key))
+        except BaseException as exc:
+            failure = exc
+        failed = _dist.failed_ranks(failure is not None, self.process_group)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(f"ema.copy_to({factor!r}) failed on rank(s) {failed}; this rank's model holds the EMA "
+                               "weights, theirs may not: see their logs")
+
     # ------------------------------------------------------------------ loading state
-    def _adopt(self, step: int, schedule: DecaySchedule | None) -> None:
-        """Take a loaded step and schedule; a saved schedule replaces the configured one."""
+    def _adopt(self, step: int, schedule: DecaySchedule | None, counters: dict | None = None) -> None:
+        """Take a loaded step, schedule and sample counters; a saved schedule replaces the configured one."""
         self._step = int(step)
+        counters = counters or {}
+        self._samples_seen = float(counters.get("samples_seen", 0.0))
+        self._samples_pending = float(counters.get("samples_pending", 0.0))
         if schedule is not None and schedule != self._schedule:
             logger.warning("the loaded schedule %s replaces the configured %s", schedule, self._schedule)
             self._schedule = schedule
@@ -318,7 +407,7 @@ class ShardedEMA:
         restores in place. DTensors carry the global shape and stride (uneven shards).
         """
         state: dict = {"step": self._step, "schedule": self._schedule.model_dump_json(),
-                       "target_factors": list(self.target_factors)}
+                       "target_factors": list(self.target_factors), **self.counters()}
         for k, factor in enumerate(self.target_factors):
             for t in self._store.tracked():
                 state[self.state_key(factor, t)] = self._dtensor_or_local(t, self._store.shadow(k, t.key))
@@ -368,7 +457,8 @@ class ShardedEMA:
             schedule = DecaySchedule.model_validate_json(state_dict["schedule"])
         for target, value in copies:
             target.copy_(value)
-        self._adopt(int(state_dict.get("step", self._step)), schedule)
+        self._adopt(int(state_dict.get("step", self._step)), schedule,
+                    {k: state_dict[k] for k in ("samples_seen", "samples_pending") if k in state_dict})
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, root, tag: str = "latest") -> str:

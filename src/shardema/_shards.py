@@ -10,6 +10,7 @@ unsharded plain Parameter, and may replace a DTensor's local tensor. So a
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -285,6 +286,28 @@ def _path_roots(model: Model, model_path: str | None) -> list[nn.Module]:
     if not roots:
         raise ValueError(f"model path {model_path!r} is in none of the {len(parts)} model parts ({first_error})")
     return roots
+
+
+def select_by_name(tracked: list[TrackedTensor], include: Sequence[str] | None,
+                   exclude: Sequence[str]) -> list[TrackedTensor]:
+    """The tracked tensors whose FQN matches ``include`` (if given) and no ``exclude`` pattern.
+
+    Raises naming every pattern that matches no FQN (a typo would silently track
+    everything, or nothing).
+    """
+    names = [t.fqn for t in tracked]
+    unused = [p for p in (*(include or ()), *exclude) if not fnmatch.filter(names, p)]
+    if unused:
+        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        raise ValueError(f"pattern(s) {unused} match no tracked tensor; FQNs are relative to the model path, "
+                         f"e.g. {shown}")
+    kept = [t for t in tracked if include is None or any(fnmatch.fnmatchcase(t.fqn, p) for p in include)]
+    kept = [t for t in kept if not any(fnmatch.fnmatchcase(t.fqn, p) for p in exclude)]
+    for model_path in dict.fromkeys(t.model_path for t in tracked):
+        if not any(t.model_path == model_path and not t.is_buffer for t in kept):
+            raise ValueError(f"include/exclude leave model path {path_label(model_path)!r} with no parameters to "
+                             "average")
+    return kept
 
 
 def collect(model: Model, model_paths: Sequence[str | None], *, include_frozen: bool,

@@ -15,6 +15,7 @@ owns those and is the only caller of the mutating methods except through
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from ._shards import (
     path_label,
     registration_counts,
     reshard_fsdp,
+    select_by_name,
 )
 from .config import DecaySchedule, EMAConfig, check_model_paths
 
@@ -92,11 +94,17 @@ class ShadowStore:
         # EMA averaging a detached module.
         self._edges = module_edges(model, list(owners.values()))
         # Parameters left out because they were frozen: unfreezing one later is an error.
-        self._frozen = [] if config.include_frozen else frozen_parameters(model, config.model_paths)
+        self._frozen = [] if config.include_frozen else [
+            (mp, fqn, p) for mp, fqn, p in frozen_parameters(model, config.model_paths)
+            if (config.include is None or any(fnmatch.fnmatchcase(fqn, pat) for pat in config.include))
+            and not any(fnmatch.fnmatchcase(fqn, pat) for pat in config.exclude)]
 
     def _collect(self) -> list[TrackedTensor]:
-        return collect(self.model, self.config.model_paths, include_frozen=self.config.include_frozen,
-                       buffers=self.config.buffers, group=self.process_group)
+        tracked = collect(self.model, self.config.model_paths, include_frozen=self.config.include_frozen,
+                          buffers=self.config.buffers, group=self.process_group)
+        if self.config.include is None and not self.config.exclude:
+            return tracked
+        return select_by_name(tracked, self.config.include, self.config.exclude)
 
     def _build(self) -> None:
         shadow_dtype = self.config.torch_shadow_dtype
@@ -292,7 +300,7 @@ class CheckpointLoad:
         self.store = store
         self.touched = False
         self.reset_requested = False
-        self.adopted: tuple[int, DecaySchedule | None] | None = None
+        self.adopted: tuple[int, DecaySchedule | None, dict] | None = None
 
     def tracked(self, model_paths: Iterable[str | None] | str | None = None) -> list[TrackedTensor]:
         """The tracked tensors (see :meth:`ShadowStore.tracked`)."""
@@ -303,9 +311,9 @@ class CheckpointLoad:
         self.touched = True
         return self.store.shadow(k, key)
 
-    def adopt(self, step: int, schedule: DecaySchedule | None) -> None:
-        """Every shadow is loaded: at the end of the block the EMA takes this step and schedule."""
-        self.adopted = (int(step), schedule)
+    def adopt(self, step: int, schedule: DecaySchedule | None, counters: dict | None = None) -> None:
+        """Every shadow is loaded: at the end of the block the EMA takes this step, schedule and counters."""
+        self.adopted = (int(step), schedule, dict(counters or {}))
 
     def reset_to_live(self) -> None:
         """At the end of the block, reset every shadow to the live weights (nothing was loaded)."""

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-ScheduleKind = Literal["constant", "warmup", "power"]
+ScheduleKind = Literal["constant", "warmup", "power", "half_life", "edm", "swa"]
 BufferPolicy = Literal["copy", "average", "ignore"]
 ShadowDtypeName = Literal["float32", "float64", "bfloat16", "float16", "live"]
 
@@ -43,7 +43,8 @@ DEFAULT_EXCHANGE_BUFFER_BYTES = 64 * 2**20
 """Default bound of the buffer through which ``swapped()`` exchanges live and EMA values in place."""
 DEFAULT_CHUNK_NUMEL = 2**18
 
-SCHEDULE_FIELDS = ("inv_gamma", "power", "update_every", "start_step")
+SCHEDULE_FIELDS = ("inv_gamma", "power", "update_every", "start_step", "min_decay", "count", "first_update_copies",
+                   "half_life_fraction", "step_bias", "half_life_samples", "rampup_ratio", "samples_per_update")
 """Schedule options that may also be given flat, beside ``schedule`` (keywords, YAML)."""
 
 RENAMED_OPTIONS = {
@@ -129,18 +130,32 @@ def check_model_paths(model_paths: Any) -> tuple[str | None, ...]:
 class DecaySchedule(BaseModel):
     """When and how strongly the EMA is updated (a pure function of the step; see [Note: step numbering]).
 
+    Kinds (``n`` counts calls since ``start_step``, or firings with ``count="firings"``):
+
     - ``constant`` (default): decay = factor.
     - ``warmup``: decay = min(factor, (1 + n) / (10 + n)): early steps move fast.
     - ``power``: decay = min(factor, 1 - (1 + n / inv_gamma) ** -power); ``power=2/3`` suits
       runs of ~1M steps, ``power=3/4`` shorter ones (as in Karras et al.).
-    - ``update_every=k``: average on every k-th call only.
-    - ``start_step=s``: calls before ``s`` make the shadow track (copy) the live weights.
+    - ``half_life``: decay = min(factor, 2 ** (-1 / (half_life_fraction * m))) with
+      ``m = max(1, firings including this one + step_bias)``: the half-life is a fixed
+      fraction of the training so far (torchtitan).
+    - ``edm``: decay = min(factor, 0.5 ** (samples / max(h, 1e-8))) with ``samples`` the
+      samples since the previous firing and ``h = half_life_samples``, or with
+      ``rampup_ratio`` ``h = min(half_life_samples, samples_seen * rampup_ratio)``: a
+      half-life in samples, independent of the batch size (Karras et al., EDM).
+    - ``swa``: the equal average of every firing (``torch.optim.swa_utils.AveragedModel``):
+      decay = n / (n + 1) over firings, so the first firing copies; ``factor`` is ignored.
+
+    For every kind: ``update_every=k`` averages on every k-th call only; ``start_step=s``
+    makes calls before ``s`` copy the live weights; ``min_decay`` is a floor on the decay
+    (diffusers, timm, ema-pytorch ``min_value``); ``first_update_copies`` makes the first
+    firing copy the live weights (``AveragedModel``, Lightning, diffusers).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: ScheduleKind = "constant"
-    """The decay formula: ``constant``, ``warmup`` or ``power``."""
+    """The decay formula: ``constant``, ``warmup``, ``power``, ``half_life``, ``edm`` or ``swa``."""
     inv_gamma: float = Field(1.0, gt=0)
     """``power`` schedule: the step scale (1 for most runs)."""
     power: float = Field(2 / 3, gt=0)
@@ -149,23 +164,83 @@ class DecaySchedule(BaseModel):
     """Average on every k-th ``update()`` call only (the calls in between change nothing)."""
     start_step: NonNegativeInt = 0
     """Calls before this step copy the live weights instead of averaging."""
+    min_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    """A floor on the decay of every firing (0: none)."""
+    count: Literal["calls", "firings"] = "calls"
+    """What ``n`` counts when ``update_every > 1``: ``update()`` calls since ``start_step`` (default)
+    or firings (averaging calls), as torchtitan and diffusers do."""
+    first_update_copies: StrictBool = False
+    """The first firing copies the live weights (decay 0)."""
+    half_life_fraction: float | None = Field(None, gt=0)
+    """``half_life``: the half-life as a fraction of the firings so far (torchtitan)."""
+    step_bias: int = 0
+    """``half_life``: added to the firing count (a renumbered run continues its schedule)."""
+    half_life_samples: float | None = Field(None, gt=0)
+    """``edm``: the half-life in training samples."""
+    rampup_ratio: float | None = Field(None, gt=0)
+    """``edm``: cap the half-life at ``samples_seen * rampup_ratio`` (EDM uses 0.05)."""
+    samples_per_update: PositiveInt | None = None
+    """``edm``: samples per ``update()`` call when the caller passes no ``num_samples``."""
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> DecaySchedule:
+        if self.kind == "half_life" and self.half_life_fraction is None:
+            raise ValueError("kind 'half_life' needs half_life_fraction, e.g. 0.1 (a tenth of the run so far)")
+        if self.kind == "edm" and self.half_life_samples is None:
+            raise ValueError("kind 'edm' needs half_life_samples, e.g. 500_000 (EDM's 500 kimg)")
+        return self
+
+    def ignored_options(self) -> list[str]:
+        """Options set away from their default that this kind does not use (worth a warning)."""
+        used = {"constant": set(), "warmup": set(), "power": {"inv_gamma", "power"},
+                "half_life": {"half_life_fraction", "step_bias"},
+                "edm": {"half_life_samples", "rampup_ratio", "samples_per_update"}, "swa": set()}[self.kind]
+        defaults = {"inv_gamma": 1.0, "power": 2 / 3, "half_life_fraction": None, "step_bias": 0,
+                    "half_life_samples": None, "rampup_ratio": None, "samples_per_update": None}
+        ignored = [name for name, default in defaults.items() if name not in used and getattr(self, name) != default]
+        if self.kind == "swa" and self.min_decay:
+            ignored.append("min_decay")
+        return ignored
 
     def is_tracking(self, step: int) -> bool:
         """True when the call at ``step`` copies live weights (before ``start_step``)."""
         return step < self.start_step
 
     def is_update_step(self, step: int) -> bool:
-        """True when the call at ``step`` applies an EMA update."""
+        """True when the call at ``step`` applies an EMA update (a firing)."""
         return step >= self.start_step and (step - self.start_step) % self.update_every == 0
 
-    def decay(self, factor: float, step: int) -> float:
-        """Decay used by the call at ``step`` for target ``factor`` (see [Note: step numbering])."""
-        n = max(0, step - self.start_step)
+    def firings_before(self, step: int) -> int:
+        """Firings (averaging calls) before the call at ``step``."""
+        return 0 if step <= self.start_step else -(-(step - self.start_step) // self.update_every)
+
+    def decay(self, factor: float, step: int, samples: float = 0.0, samples_seen: float = 0.0) -> float:
+        """Decay used by the call at ``step`` for target ``factor`` (see [Note: step numbering]).
+
+        ``samples``: samples since the previous firing (this call's included); ``samples_seen``:
+        samples before those. Only ``edm`` reads them.
+        """
+        fired = self.firings_before(step)
+        if self.first_update_copies and fired == 0:
+            return 0.0
+        n = fired if self.count == "firings" else max(0, step - self.start_step)
         if self.kind == "constant":
-            return factor
-        if self.kind == "warmup":
-            return min(factor, (1 + n) / (10 + n))
-        return min(factor, 1.0 - (1.0 + n / self.inv_gamma) ** (-self.power))
+            value = factor
+        elif self.kind == "warmup":
+            value = min(factor, (1 + n) / (10 + n))
+        elif self.kind == "power":
+            value = min(factor, 1.0 - (1.0 + n / self.inv_gamma) ** (-self.power))
+        elif self.kind == "half_life":
+            m = max(1, fired + 1 + self.step_bias)
+            value = min(factor, 2.0 ** (-1.0 / (float(self.half_life_fraction or 1.0) * m)))
+        elif self.kind == "edm":
+            half_life = float(self.half_life_samples or 0.0)
+            if self.rampup_ratio is not None:
+                half_life = min(half_life, samples_seen * self.rampup_ratio)
+            value = min(factor, 0.5 ** (samples / max(half_life, 1e-8)))
+        else:  # swa: the equal average of the firings
+            return fired / (fired + 1.0)
+        return max(value, self.min_decay)
 
 
 class EMAConfig(BaseModel):
@@ -201,6 +276,14 @@ class EMAConfig(BaseModel):
     """The decay schedule: a :class:`DecaySchedule`, a mapping, or just its kind (``"warmup"``)."""
     include_frozen: StrictBool = True
     """Also average parameters with ``requires_grad=False``."""
+    include: tuple[str, ...] | None = None
+    """Track only tensors whose FQN (relative to its model path) matches one of these
+    ``fnmatch`` patterns (``"blocks.*.attn.*"``); ``None``: every tensor. A pattern that
+    matches nothing is an error naming it."""
+    exclude: tuple[str, ...] = ()
+    """Leave out tensors whose FQN matches one of these patterns (``"*.rotary.*"``,
+    ema-pytorch's ``ignore_names``); applied after ``include``. A pattern that matches
+    nothing is an error."""
     upcast_buffer_bytes: PositiveInt = DEFAULT_UPCAST_BUFFER_BYTES
     """Bound of the per-device buffer that upcasts bf16/fp16 live shards for fp32 shadows in
     ``update()`` (allocated once; 0 bytes when live and shadow dtypes match)."""
@@ -244,6 +327,17 @@ class EMAConfig(BaseModel):
     @classmethod
     def _check_model_paths(cls, value: Any) -> tuple[str | None, ...]:
         return check_model_paths(value)
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _patterns(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, Sequence) or not all(isinstance(p, str) and p.strip() for p in value):
+            raise ValueError(f"{value!r} must be a list of non-empty fnmatch patterns such as ['*.bias']")
+        return tuple(value)
 
     @field_validator("shadow_dtype", mode="before")
     @classmethod

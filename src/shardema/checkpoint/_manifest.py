@@ -162,6 +162,8 @@ class ManifestSchema(_Schema):
     files: list[FileEntry]
     created_unix: float | None = None
     mesh_shapes: list[list[NonNegative]] = []
+    samples_seen: Annotated[float, Field(ge=0)] = 0.0
+    samples_pending: Annotated[float, Field(ge=0)] = 0.0
 
     @field_validator("format_version")
     @classmethod

@@ -341,7 +341,8 @@ def _try_candidates(ema, load: CheckpointLoad, candidates: list[Candidate], live
                 logger.warning("skipping EMA checkpoint %s: %s", candidate.describe(), "; ".join(bad))
             continue
         manifest = candidate.manifest
-        load.adopt(int(manifest["step"]), DecaySchedule.model_validate(manifest["schedule"]))
+        load.adopt(int(manifest["step"]), DecaySchedule.model_validate(manifest["schedule"]),
+                   {k: manifest[k] for k in ("samples_seen", "samples_pending") if k in manifest})
         logger.info("loaded EMA step %d from %s", int(manifest["step"]), candidate.describe())
         return candidate.tag
     return None

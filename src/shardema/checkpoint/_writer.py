@@ -189,7 +189,7 @@ def _build_manifest(ema, mp, plan: dict, world: int, files: list[dict]) -> dict:
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "save_id": plan["save_id"],
         "created_unix": plan["created"], "tag": plan["tag"], "model_path": mp,
-        "model_paths": list(ema.model_paths), "step": int(ema.step),
+        "model_paths": list(ema.model_paths), "step": int(ema.step), **ema.counters(),
         "schedule": json.loads(ema.schedule.model_dump_json()),
         "factors": [float(f) for f in ema.target_factors], "world_size": world, "mesh_shapes": mesh_shapes,
         "shadow_dtype": None if ema.shadow_dtype is None else dtype_name(ema.shadow_dtype),
