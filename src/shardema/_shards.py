@@ -132,10 +132,18 @@ class TrackedTensor:
         """True for floating-point tensors (the only ones ever blended)."""
         return self.dtype.is_floating_point or self.dtype.is_complex
 
+    @property
+    def registry(self) -> dict:
+        """The owner's registration table this tensor lives in (``_parameters`` or ``_buffers``).
+
+        The dict object itself stays for the module's life (FSDP2 replaces its entries, not
+        the dict), so hot paths look the tensor up with one ``registry.get(attr)``.
+        """
+        return module_buffers(self.owner) if self.is_buffer else module_parameters(self.owner)
+
     def current(self) -> torch.Tensor | None:
         """The tensor registered on the owner now (DTensor, Parameter or buffer), or None."""
-        table = module_buffers(self.owner) if self.is_buffer else module_parameters(self.owner)
-        return table.get(self.attr)
+        return self.registry.get(self.attr)
 
     def local(self) -> torch.Tensor:
         """This rank's current local piece (see the re-resolution note); raises if gone."""

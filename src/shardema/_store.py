@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ._compat import module_children
+from ._compat import DTensor, local_tensor, module_buffers, module_children, module_parameters
 from ._kernels import CPU_BATCH_NUMEL, LerpPlan
 from ._shards import (
     Model,
@@ -57,6 +57,7 @@ class _Group:
         self.plan: LerpPlan | None = None
         self.plan_lives: list[torch.Tensor] | None = None  # None: no plan built yet
         self.plan_ptrs: list[int] = []
+        self.watch: _Watch | None = None
 
 
 def _same_tensors(lives: list[torch.Tensor], cached: list[torch.Tensor] | None, ptrs: list[int]) -> bool:
@@ -66,6 +67,29 @@ def _same_tensors(lives: list[torch.Tensor], cached: list[torch.Tensor] | None, 
     """
     return (cached is not None and len(cached) == len(lives) and all(a is b for a, b in zip(lives, cached))
             and all(a.data_ptr() == p for a, p in zip(lives, ptrs)))
+
+
+class _Watch:
+    """What an ``update()`` compares, per tensor, to know its cached plan is still valid.
+
+    For each tracked tensor: its registration table, attribute name, the object registered
+    there when the plan was built and the storage pointer of its local piece. One
+    ``dict.get``, one identity test and one ``data_ptr()`` per tensor; no device access.
+    """
+
+    def __init__(self, members: Sequence[TrackedTensor], lives: Sequence[torch.Tensor]):
+        self.entries = [(t.registry, t.attr, t.current(), live.data_ptr()) for t, live in zip(members, lives)]
+
+    def unchanged(self) -> bool:
+        """True while every registered object and its local storage are the ones the plan holds."""
+        for registry, attr, registered, ptr in self.entries:
+            value = registry.get(attr)
+            if value is not registered or value is None:
+                return False
+            local = local_tensor(value) if isinstance(value, DTensor) else value
+            if local.data_ptr() != ptr:
+                return False
+        return True
 
 
 class ShadowStore:
@@ -93,6 +117,7 @@ class ShadowStore:
         # Submodule registrations down to every owner: a replaced submodule would leave the
         # EMA averaging a detached module.
         self._edges = module_edges(model, list(owners.values()))
+        self._refresh_checks()
         # Parameters left out because they were frozen: unfreezing one later is an error.
         self._frozen = [] if config.include_frozen else [
             (mp, fqn, p) for mp, fqn, p in frozen_parameters(model, config.model_paths)
@@ -128,6 +153,7 @@ class ShadowStore:
         }
         self._copy_lives: list[torch.Tensor] | None = None
         self._copy_ptrs: list[int] = []
+        self._copy_watch: _Watch | None = None
         self._copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._upcast: dict[torch.device, torch.Tensor] = {}
         for group in self._groups:
@@ -198,9 +224,9 @@ class ShadowStore:
 
     def _resolved_plan(self, group: _Group) -> LerpPlan:
         """The group's plan, rebuilt only when a live local tensor was replaced."""
+        if group.plan is not None and group.watch is not None and group.watch.unchanged():
+            return group.plan  # the steady state: nothing was replaced
         lives = [t.local() for t in group.members]
-        if group.plan is not None and _same_tensors(lives, group.plan_lives, group.plan_ptrs):
-            return group.plan
         # Something changed: FSDP2 may have left unsharded params (reshard and look again),
         # replaced a local tensor, or the user assigned ``p.data`` (new views, same shadows;
         # a changed shape or dtype raises naming the FQN).
@@ -212,10 +238,13 @@ class ShadowStore:
                               scratch=self._upcast.get(group.flat.device))
         group.plan_lives = lives
         group.plan_ptrs = ptrs
+        group.watch = _Watch(group.members, lives)
         return group.plan
 
     def _copied_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(destinations, live sources) of the copied tensors; cached while the live tensors are unchanged."""
+        if self._copy_watch is not None and self._copy_watch.unchanged():
+            return self._copy_pairs
         lives = [t.local() for t in self._copied]
         if not _same_tensors(lives, self._copy_lives, self._copy_ptrs):
             lives = self.resolve_lives(self._copied)
@@ -223,7 +252,14 @@ class ShadowStore:
             self._copy_pairs = ([self._copies[self._copied[i].key] for i in keep], [lives[i] for i in keep])
             self._copy_lives = lives
             self._copy_ptrs = [live.data_ptr() for live in lives]
+        self._copy_watch = _Watch(self._copied, lives)
         return self._copy_pairs
+
+    def _refresh_checks(self) -> None:
+        """The flat lists the steady-state structure check reads (registration dicts, edges)."""
+        self._table_sizes = [(table, len(table)) for m, _ in self._owner_counts
+                             for table in (module_parameters(m), module_buffers(m))]
+        self._edge_checks = [(module_children(parent), name, child) for parent, name, child, _ in self._edges]
 
     def check_structure(self) -> None:
         """Raise naming the FQNs added to or removed from the tracked model paths.
@@ -235,6 +271,10 @@ class ShadowStore:
         A change the EMA does not track (a non-persistent buffer, an ignored buffer, a
         frozen parameter with ``include_frozen=False``) only refreshes the counts.
         """
+        if all(len(table) == n for table, n in self._table_sizes) and \
+                all(children.get(name) is child for children, name, child in self._edge_checks) and \
+                not any(param.requires_grad for _, _, param in self._frozen):
+            return  # the steady state: O(modules) dict lookups, no tensor touched
         for parent, name, child, path in self._edges:
             if module_children(parent).get(name) is not child:
                 raise RuntimeError(
@@ -248,12 +288,14 @@ class ShadowStore:
                     "created with include_frozen=False, so it has no EMA; unfreeze before creating the "
                     "ShardedEMA, or create it with include_frozen=True")
         if all(registration_counts(m) == counts for m, counts in self._owner_counts):
+            self._refresh_checks()
             return
         reshard_fsdp(self.model)
         now = {t.key for t in self._collect()}
         before = set(self._by_key)
         if now == before:
             self._owner_counts = [(m, registration_counts(m)) for m, _ in self._owner_counts]
+            self._refresh_checks()
             return
         changes = [f"added {path_label(p)}:{f}" for p, f in sorted(now - before, key=str)]
         changes += [f"removed {path_label(p)}:{f}" for p, f in sorted(before - now, key=str)]
