@@ -38,7 +38,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -143,10 +143,18 @@ class LerpPlan:
 
     ``shadows[k][i]`` is the shadow of live tensor ``lives[i]`` for factor k. Building
     a plan creates views only; :meth:`lerp` and :meth:`copy` allocate nothing.
+
+    ``layout`` picks the plan: ``"auto"`` (the default) builds the CPU plan for CPU
+    tensors and the device plan otherwise; ``"cpu"`` or ``"device"`` force one, whatever
+    the tensors' device. Both plans run on any device, so tests build the device plan
+    from CPU tensors and check it in CI, where there is no accelerator.
     """
 
     def __init__(self, shadows: list[list[torch.Tensor]], lives: list[torch.Tensor], *,
-                 chunk_numel: int, scratch: torch.Tensor | None):
+                 chunk_numel: int, scratch: torch.Tensor | None,
+                 layout: Literal["auto", "cpu", "device"] = "auto"):
+        if layout not in ("auto", "cpu", "device"):
+            raise ValueError(f"layout={layout!r} is not a plan layout; use 'auto', 'cpu' or 'device'")
         self.lives = lives
         self.num_factors = len(shadows)
         keep = [i for i, live in enumerate(lives) if live.numel() > 0]
@@ -155,7 +163,11 @@ class LerpPlan:
             raise AssertionError("a scratch buffer is needed for mixed live / shadow dtypes")
         self._copy_selfs = [shadows[k][i] for i in keep for k in range(self.num_factors)]
         self._copy_srcs = [lives[i] for i in keep for _ in range(self.num_factors)]
-        on_cpu = bool(keep) and lives[keep[0]].device.type == "cpu"
+        if layout == "auto":
+            on_cpu = bool(keep) and lives[keep[0]].device.type == "cpu"
+        else:
+            on_cpu = layout == "cpu"
+        self.layout: Literal["cpu", "device"] = "cpu" if on_cpu else "device"
         # _inline: batches run first on the calling thread; _runs: one list of batches per worker
         # (worker 0 is the calling thread).
         self._inline: list[_Batch] = []
