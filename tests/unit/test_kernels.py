@@ -58,7 +58,7 @@ def _check_against_reference(plan, lives, shadows, weights_per_call, shadow_dtyp
                 ref.copy_(got)  # the next call starts from the same shadow on both sides
         with torch.no_grad():  # the live tensors change in place: the plan must read them again
             for live in lives:
-                live.add_(torch.randn(live.shape, generator=g).to(live.dtype))
+                live.add_(torch.randn(live.shape, generator=g).to(device=live.device, dtype=live.dtype))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -171,3 +171,18 @@ def test_copy_handles_non_contiguous_live_tensors(layout):
     for row in shadows:
         for got, live in zip(row, lives):
             assert torch.equal(got, live)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has none; the CPU cases run both plans)")
+@pytest.mark.parametrize("layout", ["auto", "device"])
+@pytest.mark.parametrize("live_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_factors", [1, 3])
+def test_plans_on_cuda_tensors_equal_the_float64_loop(layout, live_dtype, num_factors):
+    lives, shadows = _make(SHAPES, num_factors, live_dtype, torch.float32)
+    lives = [live.cuda() for live in lives]
+    shadows = [[s.cuda() for s in row] for row in shadows]
+    scratch = torch.empty(40, device="cuda") if live_dtype != torch.float32 else None
+    plan = LerpPlan(shadows, lives, chunk_numel=7, scratch=scratch, layout=layout)
+    assert plan.layout == "device"
+    _check_against_reference(plan, lives, shadows, WEIGHTS[num_factors], torch.float32)
+    torch.cuda.synchronize()
