@@ -262,7 +262,9 @@ def test_hsdp_2x2_to_2_ranks(tmp_path):
     checked = run_ranks(_resume_check, 2, "fsdp", str(tmp_path), expected, 4, timeout=240)
     assert all(c > 0 for c in checked)
 
-    # A flipped byte in the last file is verified by rank 1 only; both ranks must skip to cp=last.
+    # A flipped byte in the last file is verified by rank 1 only; both ranks must skip to cp=last (the
+    # ranks agree). The pieces are read whole here, so the per-piece CRC would catch it as well; see
+    # test_a_corrupt_piece_read_as_partial_slices_is_caught_by_the_whole_file_crc for the whole-file CRC.
     broken = tmp_path / "model" / "cp=latest" / "ema=0.99" / "rank-00001-of-00004.safetensors"
     data = bytearray(broken.read_bytes())
     data[-3] ^= 0x01
