@@ -61,6 +61,41 @@ PLANS = {
 PEER_COPIES = {"torch_averaged_model": 1, "ema_pytorch": 1, "diffusers_ema": 2, "timm_ema": 1, "noether_style": 1}
 
 
+CHECK_NUMEL = 1 << 20
+CHECK_TOLERANCE = 1e-5
+
+
+@torch.no_grad()
+def check_against_float64(ema: shardema.ShardedEMA) -> dict:
+    """One more ``update()`` of ``ema`` after moving the live weights, against float64.
+
+    The benchmark's live weights never change, so the timed updates leave the shadows equal
+    to them whatever the update does; this check moves the first parameters (about
+    ``CHECK_NUMEL`` elements) by +10, updates once, compares those shadows with
+    ``d * shadow + (1 - d) * live`` in float64 and restores the live weights.
+    """
+    checked, total = [], 0
+    for t in ema.tracked():
+        if t.is_buffer or not t.dtype.is_floating_point or total >= CHECK_NUMEL:
+            continue
+        checked.append(t)
+        total += t.local_numel
+    decays = ema.current_decays()
+    before = {(f, t.key): ema.shadow(f, t.key).double() for f in ema.target_factors for t in checked}
+    lives = {t.key: t.local().detach().clone() for t in checked}
+    for t in checked:
+        t.local().add_(10.0)  # a no-op update would be off by (1 - decay) * 10 >= 1e-3
+    ema.update()
+    moved = {t.key: t.local().double() for t in checked}
+    error = 0.0
+    for (f, key), old in before.items():
+        expected = decays[f] * old + (1 - decays[f]) * moved[key]
+        error = max(error, float((ema.shadow(f, key).double() - expected).abs().max()))
+    for t in checked:
+        t.local().copy_(lives[t.key])
+    return {"max_abs_error": error, "tolerance": CHECK_TOLERANCE, "numel": total, "ok": error <= CHECK_TOLERANCE}
+
+
 def parse_size(text: str) -> int:
     text = text.strip().upper()
     scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:], 1)
@@ -157,6 +192,7 @@ class Runner:
         case["ratios"] = {f"{OURS}/{p}": C.ratio(rounds, OURS, p) for p in peer_names}
         case["unavailable"] = skipped
         mark_fastest_peer(case)
+        case["check"] = check_against_float64(ours)
         return case
 
     # ------------------------------------------------------------------ phase 2
@@ -186,6 +222,7 @@ class Runner:
         case["predicted_fused_over_separate"] = round((4 + 8 * k) / (12 * k), 4)
         if noether is not None:
             case["ratios"] = {f"{OURS}/{NOETHER_K}": C.ratio(rounds, OURS, NOETHER_K)}
+        case["check"] = check_against_float64(fused)
         return case
 
     # ------------------------------------------------------------------ phase 3
@@ -200,7 +237,9 @@ class Runner:
         ours = shardema.ShardedEMA(model, FACTORS[:k])
         methods = [*roofs, C.Method(OURS, ours.update)]
         rounds, probe = self._time(methods, f"bf16 K={k} {meta['model']} {meta['layout']}", model)
-        return self._case("bf16_live", meta, k, torch.bfloat16, nbytes, rounds, methods, ours, probe)
+        case = self._case("bf16_live", meta, k, torch.bfloat16, nbytes, rounds, methods, ours, probe)
+        case["check"] = check_against_float64(ours)
+        return case
 
 
 def run(args) -> dict:

@@ -36,7 +36,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", help="override run_dir of the config")
     parser.add_argument("--updates", type=int, help="override train.updates of the config")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dump-live", metavar="DIR",
+                        help="testing aid: rank 0 saves the full live weights to DIR/live_<update>.pt when the run "
+                             "starts and after every update, so a test can recompute the EMA independently "
+                             "(see docs/testing.md)")
     return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def dump_live(model: torch.nn.Module, directory: Path, update: int) -> None:
+    """Collective: gather every parameter (FSDP2 shards included); rank 0 writes them to one file."""
+    from torch.distributed.tensor import DTensor
+
+    state = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone()
+             for name, p in model.named_parameters()}
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(state, directory / f"live_{update:08d}.pt")
 
 
 def main(argv=None) -> None:
@@ -67,6 +83,9 @@ def main(argv=None) -> None:
     checkpoints = CheckpointManager(Path(config.run_dir) / "checkpoints")
     start = checkpoints.resume(model, optimizer, runner)
     runner.before_training()
+    dump_dir = Path(args.dump_live) if args.dump_live else None
+    if dump_dir is not None:
+        dump_live(model, dump_dir, start)
 
     step_seconds, ema_seconds = [], []
     for update in range(start + 1, config.train.updates + 1):
@@ -79,6 +98,9 @@ def main(argv=None) -> None:
         if use_cuda:
             torch.cuda.synchronize()
         toc = time.perf_counter()
+        if dump_dir is not None:
+            dump_live(model, dump_dir, update)
+            toc = time.perf_counter()
         runner.after_update(values={"loss": loss.detach()})  # EMA update, periodic saves, evaluations
         if use_cuda:
             torch.cuda.synchronize()

@@ -38,11 +38,10 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
-LERP_TAKES_SCALAR_LIST = "ScalarList" in torch.ops.aten._foreach_lerp_.overloads()
 
 CPU_PIECE_NUMEL = 32768
 """Largest CPU piece: ATen's grain size, below which an elementwise op runs on one thread."""
@@ -59,18 +58,8 @@ MIN_PARALLEL_NUMEL = 1 << 20
 
 def foreach_lerp_(selfs: list[torch.Tensor], ends: list[torch.Tensor], weights: list[float]) -> None:
     """``selfs[i].lerp_(ends[i], weights[i])`` for all i, in as few foreach calls as torch allows."""
-    if not selfs:
-        return
-    if LERP_TAKES_SCALAR_LIST:
-        torch._foreach_lerp_(selfs, ends, weights)
-        return
-    by_weight: dict[float, tuple[list, list]] = {}
-    for s, e, w in zip(selfs, ends, weights):
-        group = by_weight.setdefault(w, ([], []))
-        group[0].append(s)
-        group[1].append(e)
-    for w, (s, e) in by_weight.items():
-        torch._foreach_lerp_(s, e, w)
+    if selfs:
+        torch._foreach_lerp_(selfs, ends, weights)  # the ScalarList overload: one weight per pair
 
 
 @torch.no_grad()
@@ -143,10 +132,18 @@ class LerpPlan:
 
     ``shadows[k][i]`` is the shadow of live tensor ``lives[i]`` for factor k. Building
     a plan creates views only; :meth:`lerp` and :meth:`copy` allocate nothing.
+
+    ``layout`` picks the plan: ``"auto"`` (the default) builds the CPU plan for CPU
+    tensors and the device plan otherwise; ``"cpu"`` or ``"device"`` force one, whatever
+    the tensors' device. Both plans run on any device, so tests build the device plan
+    from CPU tensors and check it in CI, where there is no accelerator.
     """
 
     def __init__(self, shadows: list[list[torch.Tensor]], lives: list[torch.Tensor], *,
-                 chunk_numel: int, scratch: torch.Tensor | None):
+                 chunk_numel: int, scratch: torch.Tensor | None,
+                 layout: Literal["auto", "cpu", "device"] = "auto"):
+        if layout not in ("auto", "cpu", "device"):
+            raise ValueError(f"layout={layout!r} is not a plan layout; use 'auto', 'cpu' or 'device'")
         self.lives = lives
         self.num_factors = len(shadows)
         keep = [i for i, live in enumerate(lives) if live.numel() > 0]
@@ -155,7 +152,11 @@ class LerpPlan:
             raise AssertionError("a scratch buffer is needed for mixed live / shadow dtypes")
         self._copy_selfs = [shadows[k][i] for i in keep for k in range(self.num_factors)]
         self._copy_srcs = [lives[i] for i in keep for _ in range(self.num_factors)]
-        on_cpu = bool(keep) and lives[keep[0]].device.type == "cpu"
+        if layout == "auto":
+            on_cpu = bool(keep) and lives[keep[0]].device.type == "cpu"
+        else:
+            on_cpu = layout == "cpu"
+        self.layout: Literal["cpu", "device"] = "cpu" if on_cpu else "device"
         # _inline: batches run first on the calling thread; _runs: one list of batches per worker
         # (worker 0 is the calling thread).
         self._inline: list[_Batch] = []
@@ -216,7 +217,9 @@ class LerpPlan:
         return [self._scratch_batches(run, scratch[w * share:w * share + batch_numel]) for w, run in enumerate(runs)]
 
     def _scratch_batches(self, pieces: list[_Piece], scratch: torch.Tensor) -> list[_Batch]:
-        batches, batch, used = [], [], 0
+        batches: list[_Batch] = []
+        batch: list[_Piece] = []
+        used = 0
         for piece in pieces:
             n = piece[1].numel()
             if used + n > scratch.numel():

@@ -262,12 +262,40 @@ def test_hsdp_2x2_to_2_ranks(tmp_path):
     checked = run_ranks(_resume_check, 2, "fsdp", str(tmp_path), expected, 4, timeout=240)
     assert all(c > 0 for c in checked)
 
-    # A flipped byte in the last file is verified by rank 1 only; both ranks must skip to cp=last.
+    # A flipped byte in the last file is verified by rank 1 only; both ranks must skip to cp=last (the
+    # ranks agree). The pieces are read whole here, so the per-piece CRC would catch it as well; see
+    # test_a_corrupt_piece_read_as_partial_slices_is_caught_by_the_whole_file_crc for the whole-file CRC.
     broken = tmp_path / "model" / "cp=latest" / "ema=0.99" / "rank-00001-of-00004.safetensors"
     data = bytearray(broken.read_bytes())
     data[-3] ^= 0x01
     broken.write_bytes(bytes(data))
     run_ranks(_resume_check, 2, "fsdp", str(tmp_path), unportable(results[0][3]), 3, "last", timeout=240)
+
+
+def _flip_tensor_byte(path, name):
+    """Flip one bit inside the stored bytes of tensor ``name``; size and header stay as they were."""
+    import json
+
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_len])[name]["data_offsets"]
+    data[start + (end - start) // 2 + 8 + header_len] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_piece_read_as_partial_slices_is_caught_by_the_whole_file_crc(tmp_path):
+    """Saved by one process (whole tensors), resumed on 2 FSDP2 ranks: each rank reads a slice of the
+    corrupt piece, which no per-piece checksum covers; only the file's CRC-32 can reject the candidate."""
+    model = build("plain")
+    ema = shardema.ShardedEMA(model, FACTORS)
+    train(model, ema, 2)
+    ema.save(tmp_path, "last")
+    at_last = full_state(ema)
+    train(model, ema, 1)
+    ema.save(tmp_path, "latest")
+    broken = tmp_path / "model" / "cp=latest" / "ema=0.99" / "rank-00000-of-00001.safetensors"
+    _flip_tensor_byte(broken, "enc.weight")  # 5 rows: 3 + 2 on 2 ranks, both read a slice of it
+    run_ranks(_resume_check, 2, "fsdp", str(tmp_path), at_last, 2, "last", timeout=240)
 
 
 def test_dcp_round_trip_through_state_dict(tmp_path):

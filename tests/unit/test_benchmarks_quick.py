@@ -152,6 +152,16 @@ def test_quick_update_latency_values_are_sane(quick_results):
 
 
 @pytest.mark.timeout(200)
+def test_quick_update_latency_updates_are_checked_against_float64(quick_results):
+    """The timed updates never see the live weights change; each case also checks one update that does."""
+    result = json.loads((quick_results / "update_latency.json").read_text())
+    for case in result["cases"]:
+        check = case["check"]
+        assert check["numel"] > 0 and check["max_abs_error"] <= check["tolerance"] <= 1e-5, (case["phase"], check)
+        assert check["ok"] is True
+
+
+@pytest.mark.timeout(200)
 def test_quick_sharded_memory_is_exactly_one_over_w(quick_results):
     result = json.loads((quick_results / "sharded.json").read_text())
     cases = {c["world_size"]: c for c in result["cases"]}

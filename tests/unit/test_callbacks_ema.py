@@ -4,6 +4,7 @@ saves, resume order, children's state; OfflineLossCallback."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -278,7 +279,7 @@ def test_resume_order_latest_then_last_then_init(tmp_path, caplog):
         return runner[0], model
 
     # 1) empty directory: resume falls back to the live weights
-    cb, _trained = run(EmaCallbackConfig(target_factors=[0.9], save_last_weights=True), True, 3, seed=0)
+    cb, _ = run(EmaCallbackConfig(target_factors=[0.9], save_last_weights=True), True, 3, seed=0)
     assert cb.resumed_from is None
     last_values = _ema_values(cb.ema)
 
@@ -304,6 +305,68 @@ def test_resume_order_latest_then_last_then_init(tmp_path, caplog):
                             model=_model(), writer=MemoryWriter(), ema_root=tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         strict.resume_from_checkpoint()
+
+
+def test_resume_without_a_checkpoint_resets_an_existing_ema_to_the_live_weights(tmp_path):
+    model = _model()
+    runner = CallbackRunner([EmaCallbackConfig(target_factors=[0.9, 0.5], save_last_weights=False)], model=model,
+                            writer=MemoryWriter(), effective_batch_size=4, ema_root=tmp_path / "empty")
+    ema = runner[0].create_ema()
+    with torch.no_grad():  # move the EMA away from the live weights, then put the live weights back
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.add_(1.0)
+        ema.update()
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    live = {t.key: t.local().detach().clone() for t in ema.tracked()}
+    assert not all(torch.equal(ema.shadow(0.9, key), value) for key, value in live.items())
+    runner.resume_from_checkpoint()
+    assert runner[0].ema is ema and runner[0].resumed_from is None
+    for f in (0.9, 0.5):
+        for key, value in live.items():
+            assert torch.equal(ema.shadow(f, key), value), (f, key)
+
+
+def _train_and_keep_state(root, updates: int, state_at: int):
+    """Train ``updates`` updates saving cp=latest every 2; return the runner state taken after ``state_at``."""
+    model = _model()
+    runner = CallbackRunner([EmaCallbackConfig(target_factors=[0.9], every_n_updates=2, save_latest_weights=True,
+                                               save_last_weights=False)],
+                            model=model, writer=MemoryWriter(), effective_batch_size=4, ema_root=root)
+    runner.before_training()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = None
+    for update, batch in enumerate(_batches(updates), start=1):
+        opt.zero_grad()
+        _loss_fn(model, batch).backward()
+        opt.step()
+        runner.after_update(num_samples=4)
+        if update == state_at:
+            state = runner.state_dict()
+    runner.after_training()
+    return state
+
+
+@pytest.mark.parametrize("state_at,warns", [(3, True), (4, False)])
+def test_resume_warns_when_the_run_state_and_the_ema_checkpoint_disagree_on_the_step(tmp_path, caplog, state_at,
+                                                                                      warns):
+    root = tmp_path / "ema"
+    state = _train_and_keep_state(root, updates=4, state_at=state_at)  # cp=latest is at step 4
+    assert state["callbacks"]["EmaCallback"]["ema_step"] == state_at
+    runner = CallbackRunner([EmaCallbackConfig(target_factors=[0.9], every_n_updates=2, save_latest_weights=True,
+                                               save_last_weights=False)],
+                            model=_model(), writer=MemoryWriter(), effective_batch_size=4, ema_root=root)
+    with caplog.at_level(logging.WARNING, logger="shardema"):
+        runner.resume_from_checkpoint(state)
+    assert runner[0].resumed_from == "latest" and runner[0].ema.step == 4
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("shardema") and r.levelno >= logging.WARNING
+                and "the run state was saved at EMA step" in r.getMessage()]
+    if warns:
+        assert warnings == ["EmaCallback: the run state was saved at EMA step 3 but the EMA checkpoint is at step 4; "
+                            "save cp=latest on the same schedule as the run state to keep them together"]
+    else:
+        assert warnings == []
 
 
 def test_children_state_is_saved_and_restored():

@@ -259,16 +259,37 @@ def test_metric_writers(tmp_path):
     assert json.loads((run_dir / "metrics.jsonl").read_text())["key"] == "k"
 
 
-def test_tensorboard_writer_is_optional(tmp_path):
+def test_tensorboard_writer_writes_readable_event_files(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra; without it this test cannot run")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from shardema.callbacks import TensorBoardWriter
 
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="pip install tensorboard"):
-            TensorBoardWriter(tmp_path)
-        return
+    counter = UpdateCounter()
     writer = TensorBoardWriter(tmp_path / "tb")
-    writer.add_scalar("x", 1.0)
+    for value in [0.5, 0.25, torch.tensor(0.125)]:
+        counter.next_update()
+        writer.add_scalar("ema=0.9/loss/val", value, update_counter=counter)
+    writer.flush()
     writer.close()
-    assert any((tmp_path / "tb").iterdir())
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = events.Scalars("ema=0.9/loss/val")
+    assert [(e.step, e.value) for e in scalars] == [(1, 0.5), (2, 0.25), (3, 0.125)]
+
+
+def test_tensorboard_writer_without_the_package_names_the_fix(tmp_path, monkeypatch):
+    import builtins
+
+    from shardema.callbacks import TensorBoardWriter
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard" or name.startswith("tensorboard"):
+            raise ImportError(f"No module named {name!r} (simulated)")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        TensorBoardWriter(tmp_path)

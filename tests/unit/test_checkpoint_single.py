@@ -197,6 +197,29 @@ def test_corrupt_manifest_is_not_a_commit(tmp_path, caplog):
     assert str(manifest) in caplog.text
 
 
+def _move_away_from_live(model, ema) -> None:
+    """Make every blended shadow differ from the live weights, which stay as they were."""
+    before = {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    set_live(model, 1000)
+    ema.update()
+    with torch.no_grad():
+        for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+            t.copy_(before[n])
+
+
+def assert_equals_live(ema) -> None:
+    for t in ema.tracked():
+        for f in ema.target_factors:
+            shadow = ema.shadow(f, t.key)
+            same = torch.equal(shadow, t.local().to(shadow.dtype))
+            assert same, f"ema={f} {t.fqn} differs from the live weight"
+
+
+def assert_differs_from_live(ema) -> None:
+    blended = [t for t in ema.tracked() if not t.is_buffer]
+    assert all(not torch.equal(ema.shadow(f, t.key), t.local()) for f in ema.target_factors for t in blended)
+
+
 def test_no_intact_checkpoint_initialises_from_live_or_raises_when_strict(tmp_path, caplog):
     model, ema = make()
     train(model, ema, 2)
@@ -204,16 +227,78 @@ def test_no_intact_checkpoint_initialises_from_live_or_raises_when_strict(tmp_pa
     ema.save(tmp_path, "last")
     for tag in ("latest", "last"):
         _flip_byte(committed_file(tmp_path, tag, 0.9))
-    _model2, ema2 = make(step0=3)
+    model2, ema2 = make(step0=3)
+    _move_away_from_live(model2, ema2)  # so that "initialised from live" can fail
+    assert_differs_from_live(ema2)
     with pytest.raises(FileNotFoundError, match="no intact EMA checkpoint"):
         ema2.resume(tmp_path, strict=True)
     with caplog.at_level(logging.WARNING, logger="shardema"):
         assert ema2.resume(tmp_path) is None
     assert "starts from the live weights" in caplog.text
-    for t in ema2.tracked():
-        for f in FACTORS:
-            assert torch.equal(ema2.shadow(f, t.key), t.local()), t.fqn
+    assert ema2.step == 1  # the step is kept
+    assert_equals_live(ema2)
+    _move_away_from_live(model2, ema2)
     assert resume_ema(ema2, tmp_path / "missing") is None
+    assert_equals_live(ema2)
+
+
+def _flip_tensor_byte(path, name: str) -> None:
+    """Flip one bit inside the stored bytes of tensor ``name`` (the header stays intact)."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_len])[name]["data_offsets"]
+    assert end - start >= 4
+    data[8 + header_len + start + 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _reseal_manifest(root, tag: str, label: str = "model") -> None:
+    """Write the files' current size and whole-file CRC-32 into the manifest (the per-piece CRCs stay):
+    a file corrupted this way passes verification and fails only while it is read."""
+    manifest_path = root / label / f"cp={tag}" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"]:
+        data = (manifest_path.parent / entry["path"]).read_bytes()
+        entry["size"], entry["crc32"] = len(data), f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+
+
+def _save_with_a_corrupt_second_file(tmp_path, tag: str):
+    """A save whose ema=0.9 file is intact and whose ema=0.99 file fails its per-piece CRC when read:
+    a load writes the 0.9 shadows (read first), then fails."""
+    model, ema = make()
+    train(model, ema, 3)
+    ema.save(tmp_path, tag)
+    _flip_tensor_byte(committed_file(tmp_path, tag, 0.99), "enc.weight")  # blended: read for every factor
+    _reseal_manifest(tmp_path, tag)
+    return snapshot(ema)
+
+
+def test_a_load_that_fails_after_writing_some_shadows_is_undone(tmp_path, caplog):
+    saved = _save_with_a_corrupt_second_file(tmp_path, "latest")
+    model2, ema2 = make(step0=5)
+    for strict in (True, False):
+        _move_away_from_live(model2, ema2)
+        assert_differs_from_live(ema2)
+        with caplog.at_level(logging.WARNING, logger="shardema"):
+            if strict:
+                with pytest.raises(FileNotFoundError, match="no intact EMA checkpoint"):
+                    ema2.resume(tmp_path, strict=True)
+            else:
+                assert ema2.resume(tmp_path) is None
+        assert "fails its CRC-32 check" in caplog.text  # it failed while reading, after verification
+        # neither the partly loaded values nor the values from before the resume are left
+        assert_equals_live(ema2)
+        assert not torch.equal(ema2.shadow(0.9, (None, "dec.weight")), saved[(0.9, (None, "dec.weight"))])
+
+
+def test_load_ema_that_fails_after_writing_some_shadows_is_undone(tmp_path):
+    _save_with_a_corrupt_second_file(tmp_path, "E0_U3_S3")
+    model2, ema2 = make(step0=5)
+    _move_away_from_live(model2, ema2)
+    with pytest.raises(FileNotFoundError, match="no intact EMA checkpoint cp=E0_U3_S3"):
+        load_ema(ema2, tmp_path, "E0_U3_S3")
+    assert_equals_live(ema2)
 
 
 def test_load_ema_reads_one_given_tag_without_fallback(tmp_path):

@@ -1,5 +1,6 @@
 """ShardedEMA in one process: values against float64 loops and closed forms, memory, bad input."""
 
+import math
 
 import pytest
 import torch
@@ -155,32 +156,81 @@ def test_schedule_decays_equal_their_closed_form(kind, options):
     assert DecaySchedule(kind="power").decay(0.9999, 0) == 0.0
 
 
+def _live_value(step: int) -> torch.Tensor:
+    """The live weight during update call ``step`` (a different value at every step)."""
+    base = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    return base * math.cos(0.7 * step) + 0.3 * step
+
+
 @pytest.mark.parametrize("kind,update_every,start_step", [
     ("constant", 1, 0), ("warmup", 1, 0), ("power", 1, 0), ("constant", 3, 0), ("warmup", 2, 4), ("constant", 1, 5),
+    ("warmup", 1, 3), ("power", 1, 5), ("power", 2, 3),
 ])
-def test_ema_of_a_step_sequence_equals_the_closed_form(kind, update_every, start_step):
-    """Live weight a, then c forever: after the calls, shadow = c + (a - c) * prod(decays applied)."""
-    model = nn.Linear(1, 1, bias=False)
-    a, c = 2.0, -1.0
+def test_ema_of_a_changing_live_weight_equals_the_closed_form_recursion(kind, update_every, start_step):
+    """The live weight changes before every call; the shadow follows the float64 recursion whose decay at
+    call ``step`` is the closed form at ``n = step - start_step`` (tracking before ``start_step``)."""
+    model = nn.Linear(3, 1, bias=False, dtype=torch.float64)
     with torch.no_grad():
-        model.weight.fill_(a)
+        model.weight.copy_(_live_value(-1))
     factors = [0.9, 0.7]
     ema = ShardedEMA(model, factors, schedule=kind, update_every=update_every, start_step=start_step,
                      shadow_dtype=torch.float64)
-    with torch.no_grad():
-        model.weight.fill_(c)
-    calls = 17
-    for _ in range(calls):
+    expected = {f: _live_value(-1).clone() for f in factors}
+    applied = []
+    for step in range(17):
+        live = _live_value(step)
+        with torch.no_grad():
+            model.weight.copy_(live)
+        decays = ema.current_decays()
         ema.update()
-    for f in factors:
-        product = 1.0
-        for step in range(calls):
+        for f in factors:
             if step < start_step:
-                product = 0.0  # tracking: the shadow equals the live weight
+                d = 0.0  # tracking: the shadow equals the live weight
             elif (step - start_step) % update_every == 0:
-                product *= _closed_form_decay(kind, f, step - start_step)
-        expected = c + (a - c) * product
-        assert ema.shadow(f, (None, "weight")).item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+                d = _closed_form_decay(kind, f, step - start_step)
+            else:
+                d = 1.0  # skipped by update_every
+            assert decays[f] == pytest.approx(d, rel=1e-12, abs=0), (step, f)
+            expected[f] = d * expected[f] + (1 - d) * live
+            if f == factors[0]:
+                applied.append(d)
+        for f in factors:
+            torch.testing.assert_close(ema.shadow(f, (None, "weight")), expected[f], rtol=1e-12, atol=1e-12,
+                                       msg=lambda m, s=step, f=f: f"call {s}, factor {f}: {m}")
+    # the averaged calls really used different decays (a schedule counting from another step would differ)
+    averaged = [d for d in applied if 0.0 < d < 1.0]
+    assert len(averaged) >= 4 and (kind == "constant" or len(set(averaged)) > 2)
+
+
+def test_reset_to_live_sets_every_shadow_to_the_live_weights_and_keeps_the_step():
+    torch.manual_seed(0)
+    for model, options in [(TwoTower(), {"buffers": "average"}),
+                           (nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)).bfloat16(), {"upcast_scratch_bytes": 64})]:
+        factors = [0.9, 0.5]
+        ema = ShardedEMA(model, factors, **options)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            _perturb(model, generator)
+            ema.update()
+        live = {t.key: t.local().detach().clone() for t in ema.tracked()}
+        floats = [t for t in ema.tracked() if t.dtype.is_floating_point and not (t.is_buffer and t.dtype == torch.long)]
+        assert any(not torch.equal(ema.shadow(0.9, t.key), live[t.key].to(ema.shadow(0.9, t.key).dtype))
+                   for t in floats), "the EMA must differ from the live weights before the reset"
+        ema.reset_to_live()
+        assert ema.step == 3
+        for f in factors:
+            for t in ema.tracked():
+                shadow = ema.shadow(f, t.key)
+                assert torch.equal(shadow, live[t.key].to(shadow.dtype)), (f, t.fqn)
+        # averaging continues from the live weights
+        _perturb(model, generator)
+        ema.update()
+        for t in floats:
+            if ema.shadow(0.5, t.key).dtype == torch.float32 and not t.is_buffer:
+                expected = 0.5 * live[t.key].double() + 0.5 * t.local().detach().double()
+                torch.testing.assert_close(ema.shadow(0.5, t.key).double(), expected, rtol=0, atol=1e-6)
+        with ema.swapped(0.9), pytest.raises(RuntimeError, match="reset_to_live.*inside `with ema.swapped"):
+            ema.reset_to_live()
 
 
 def test_shadow_bytes_are_exactly_local_numel_times_factors_times_dtype():
@@ -340,6 +390,8 @@ def test_registering_tensors_the_ema_does_not_track_is_not_an_error():
     model.decoder[0].register_buffer("stats", torch.ones(2))  # ignored buffers policy
     model.decoder[0].frozen = nn.Parameter(torch.ones(2), requires_grad=False)
     before = ema.shadow(0.5, (None, "decoder.0.bias")).clone()
+    with torch.no_grad():
+        model.decoder[0].bias.add_(1.0)  # the live weight moves away from the shadow: the decay matters
     ema.update()
     ema.update()  # the refreshed counts are used from now on
     torch.testing.assert_close(ema.shadow(0.5, (None, "decoder.0.bias")), before * 0.25 + model.decoder[0].bias * 0.75)

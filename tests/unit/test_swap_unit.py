@@ -309,11 +309,26 @@ def test_swap_aborted_error_names_ranks_and_pickles():
 def test_backup_to_host_pins_the_backup_of_cuda_tensors():
     model = _net(torch.bfloat16).cuda()
     ema = ShardedEMA(model, FACTORS, buffers="ignore")
-    _train_plain(model, ema)
+    # float64 reference of the same trajectory, on the host
+    ref = {f: {n: p.detach().double().cpu() for n, p in model.named_parameters()} for f in FACTORS}
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype))
+        ema.update()
+        for f in FACTORS:
+            for n, p in model.named_parameters():
+                ref[f][n] = f * ref[f][n] + (1 - f) * p.detach().double().cpu()
     snapshot, shadows = _snapshot(model), _shadows(ema)
     with ema.swapped(0.9, backup_to_host=True) as info:
         for name, p in model.named_parameters():
-            assert torch.equal(p, ema.shadow(0.9, (None, name)).to(torch.bfloat16))
+            shadow = ema.shadow(0.9, (None, name))
+            assert shadow.dtype == torch.float32 and shadow.is_cuda
+            torch.testing.assert_close(shadow.double().cpu(), ref[0.9][name], rtol=0, atol=1e-5)
+            # the swapped-in bf16 weight is the reference rounded to bf16 (one bf16 rounding apart)
+            assert torch.equal(p, shadow.to(torch.bfloat16))
+            torch.testing.assert_close(p.double().cpu(), ref[0.9][name], rtol=8e-3, atol=1e-5)
     torch.cuda.synchronize()
     _assert_bit_exact(model, snapshot, ema, shadows)
     assert info.backup_on_host and info.mode == "backup"
