@@ -42,7 +42,6 @@ from typing import Literal, NamedTuple
 
 import torch
 
-
 CPU_PIECE_NUMEL = 32768
 """Largest CPU piece: ATen's grain size, below which an elementwise op runs on one thread."""
 
