@@ -1,4 +1,8 @@
-"""load_callback_configs: validated callback configs from a YAML file or YAML text."""
+"""load_callback_configs: validated callback configs from a YAML file or YAML text.
+
+PyYAML is the optional extra ``shardema[callbacks]``: it is imported when YAML is
+parsed, so ``import shardema.callbacks`` and a parsed list work without it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ConfigDict, SerializeAsAny, TypeAdapter
 
 from ._config import CallbackConfig
 
 _CONFIG_LIST = TypeAdapter(list[SerializeAsAny[CallbackConfig]], config=ConfigDict(title="callback configs"))
+
+
+def _yaml():
+    """The ``yaml`` module (PyYAML); an ImportError naming the extra when it is not installed."""
+    try:
+        import yaml
+    except ImportError as exc:
+        raise ImportError('reading callback configs from YAML needs PyYAML, which shardema installs as an '
+                          'extra: pip install "shardema[callbacks]" (or pass the configs as a parsed list)') from exc
+    return yaml
 
 
 def _read(source: str | os.PathLike) -> tuple[str, str]:
@@ -41,6 +54,7 @@ def load_callback_configs(source: str | os.PathLike | list) -> list[CallbackConf
         data: Any = source
     else:
         text, where = _read(source)
+        yaml = _yaml()
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
