@@ -278,7 +278,7 @@ def test_resume_order_latest_then_last_then_init(tmp_path, caplog):
         return runner[0], model
 
     # 1) empty directory: resume falls back to the live weights
-    cb, _model = run(EmaCallbackConfig(target_factors=[0.9], save_last_weights=True), True, 3, seed=0)
+    cb, _ = run(EmaCallbackConfig(target_factors=[0.9], save_last_weights=True), True, 3, seed=0)
     assert cb.resumed_from is None
     last_values = _ema_values(cb.ema)
 
