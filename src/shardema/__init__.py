@@ -1,5 +1,13 @@
 """shardema: exponential moving averages of model weights for sharded PyTorch training."""
 
+import warnings
+
+with warnings.catch_warnings():
+    # Without numpy, `import torch` warns "Failed to initialize NumPy"; shardema never needs
+    # numpy (see [Note: no numpy at runtime] in _bytes). The filter ends with this block.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from ._ema import EMAState, ShardedEMA
 from ._launch import exit_with_launcher
 from ._shards import reshard_fsdp

@@ -7,8 +7,12 @@ is initialised: a single process is its own world.
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 import torch.distributed as dist
+
+from ._bytes import cpu_bytes
 
 
 def is_distributed() -> bool:
@@ -59,21 +63,52 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+# [Note: object collectives without numpy]
+# torch's broadcast_object_list / all_gather_object decode what they receive with
+# ``tensor.numpy().tobytes()`` (distributed_c10d._tensor_to_object), so without numpy the
+# receiving ranks raise "Numpy is not available" (a broadcast's sender decodes nothing and
+# waits for them in its next collective). These two send the pickle as a uint8 tensor and
+# decode it through a numpy-free byte view (see [Note: no numpy at runtime] in _bytes).
+
+
+def _pickled(obj, device: torch.device) -> torch.Tensor:
+    data = bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    return torch.frombuffer(data, dtype=torch.uint8).to(device)  # the tensor keeps ``data`` alive
+
+
+def _unpickled(payload: torch.Tensor, size: int):
+    return pickle.loads(cpu_bytes(payload[:size]))
+
+
 def broadcast_object(obj, src: int = 0, group=None):
     """Broadcast one picklable object from global rank ``src`` (identity without a group)."""
     if not is_distributed():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+    device = collective_device(group)
+    sender = dist.get_rank() == src
+    payload = _pickled(obj, device) if sender else None
+    size = torch.tensor([0 if payload is None else payload.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src, group=group)
+    if payload is None:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, src=src, group=group)
+    return obj if sender else _unpickled(payload, payload.numel())
 
 
 def all_gather_objects(obj, group=None) -> list:
     """Gather one picklable object from every rank of ``group``."""
     if not is_distributed():
         return [obj]
-    out: list = [None] * world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
+    device = collective_device(group)
+    world = world_size(group)
+    payload = _pickled(obj, device)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return [_unpickled(t, n) for t, n in zip(gathered, counts)]

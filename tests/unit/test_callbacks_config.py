@@ -212,3 +212,14 @@ def test_after_epoch_before_any_update_says_so():
     runner.before_training()
     with pytest.raises(ValueError, match="before any after_update"):
         runner.after_epoch()
+
+
+def test_a_missing_config_path_without_suffix_is_not_parsed_as_yaml(tmp_path):
+    with pytest.raises(FileNotFoundError, match="configs/ema_callbacks"):
+        load_callback_configs("configs/ema_callbacks")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_callback_configs(str(tmp_path / "nothing_here"))
+    path = tmp_path / "callbacks"  # an existing file without a suffix is read
+    path.write_text("- kind: EmaCallback\n  save_last_weights: false\n")
+    assert load_callback_configs(str(path))[0].kind == "EmaCallback"
+    assert load_callback_configs("[]") == [] and load_callback_configs("# nothing") == []

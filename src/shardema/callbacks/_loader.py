@@ -1,4 +1,8 @@
-"""load_callback_configs: validated callback configs from a YAML file or YAML text."""
+"""load_callback_configs: validated callback configs from a YAML file or YAML text.
+
+PyYAML is the optional extra ``shardema[callbacks]``: it is imported when YAML is
+parsed, so ``import shardema.callbacks`` and a parsed list work without it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ConfigDict, SerializeAsAny, TypeAdapter
 
 from ._config import CallbackConfig
 
 _CONFIG_LIST = TypeAdapter(list[SerializeAsAny[CallbackConfig]], config=ConfigDict(title="callback configs"))
+
+
+def _yaml():
+    """The ``yaml`` module (PyYAML); an ImportError naming the extra when it is not installed."""
+    try:
+        import yaml
+    except ImportError as exc:
+        raise ImportError('reading callback configs from YAML needs PyYAML, which shardema installs as an '
+                          'extra: pip install "shardema[callbacks]" (or pass the configs as a parsed list)') from exc
+    return yaml
 
 
 def _read(source: str | os.PathLike) -> tuple[str, str]:
@@ -20,7 +33,11 @@ def _read(source: str | os.PathLike) -> tuple[str, str]:
         return Path(source).read_text(encoding="utf-8"), str(source)
     if not isinstance(source, str):
         raise TypeError(f"load_callback_configs takes a path or YAML text, got {type(source).__name__}")
-    looks_like_path = "\n" not in source and source.strip().endswith((".yaml", ".yml"))
+    line = source.strip()
+    # One line that is not YAML's list, mapping, flow or comment syntax names a file, with or
+    # without a .yaml suffix: "configs/ema" that does not exist is an error, never YAML text.
+    looks_like_path = "\n" not in line and (line.endswith((".yaml", ".yml")) or not (
+        line.startswith(("-", "[", "{", "#")) or ":" in line))
     if looks_like_path or ("\n" not in source and os.path.isfile(source)):
         path = Path(source)
         if not path.is_file():
@@ -41,6 +58,7 @@ def load_callback_configs(source: str | os.PathLike | list) -> list[CallbackConf
         data: Any = source
     else:
         text, where = _read(source)
+        yaml = _yaml()
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -12,6 +12,8 @@ import zlib
 
 import torch
 
+from .._bytes import cpu_bytes
+
 FORMAT_NAME = "shardema-ema"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -126,14 +128,12 @@ def dtype_from_name(name: str) -> torch.dtype:
     return value
 
 
-def tensor_bytes(tensor: torch.Tensor):
-    """The raw bytes of ``tensor`` (C order, native little-endian) as a zero-copy buffer on the CPU."""
-    flat = tensor.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    return flat.view(torch.uint8).numpy() if flat.numel() else b""
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of ``tensor`` (C order, native little-endian) as a zero-copy buffer on the CPU.
+
+    No numpy: see [Note: no numpy at runtime] in ``shardema._bytes``.
+    """
+    return cpu_bytes(tensor)
 
 
 def crc32_hex(value: int) -> str:
