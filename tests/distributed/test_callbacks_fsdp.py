@@ -11,14 +11,12 @@ import torch.distributed as dist
 from dist_harness import run_ranks
 from torch import nn
 
+from callback_probes import ProbeConfig, RecordingProbe
 from shardema.callbacks import (
     CallbackRunner,
     EmaCallbackConfig,
     MemoryWriter,
     OfflineLossCallbackConfig,
-    PeriodicCallback,
-    PeriodicCallbackConfig,
-    register_callback,
 )
 
 pytestmark = pytest.mark.distributed
@@ -26,36 +24,30 @@ pytestmark = pytest.mark.distributed
 FACTORS = [0.9, 0.6]
 
 
-class GatherProbeConfig(PeriodicCallbackConfig):
+class GatherProbeConfig(ProbeConfig):
     """Schedules only."""
 
 
-@register_callback
-class GatherProbeCallback(PeriodicCallback):
+class RaisingProbeConfig(ProbeConfig):
+    """Schedules only."""
+
+
+class GatherProbeCallback(RecordingProbe, kind="GatherProbeCallback"):
     """Gathers the full weights (a collective) each time it runs."""
 
     config_class = GatherProbeConfig
 
-    def __init__(self, config=None, context=None):
-        super().__init__(config, context)
-        self.seen = []
-
-    def periodic_callback(self, *, interval_type, update_counter, **kw):
-        self.seen.append((update_counter.update, _full_weights(self.model)))
-        self.log_scalar("probe/runs", len(self.seen), update_counter)
+    def record(self, interval_type, update_counter):
+        self.log_scalar("probe/runs", len(self.seen) + 1, update_counter)
+        return (update_counter.update, _full_weights(self.model))
 
 
-class RaisingProbeConfig(PeriodicCallbackConfig):
-    """Schedules only."""
-
-
-@register_callback
-class RaisingProbeCallback(PeriodicCallback):
+class RaisingProbeCallback(RecordingProbe, kind="RaisingProbeCallback"):
     """Raises on rank 1 only, inside the swap."""
 
     config_class = RaisingProbeConfig
 
-    def periodic_callback(self, *, interval_type, update_counter, **kw):
+    def record(self, interval_type, update_counter):
         self.model(torch.zeros(1, 5))  # a collective forward on every rank first
         if dist.get_rank() == 1:
             raise ValueError("child failed on rank 1")

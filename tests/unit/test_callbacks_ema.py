@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import callback_probes
+from callback_probes import RecordingProbe
 from shardema.callbacks import (
     CallbackRunner,
     EmaCallback,
@@ -17,29 +19,23 @@ from shardema.callbacks import (
     MemoryWriter,
     OfflineLossCallback,
     OfflineLossCallbackConfig,
-    PeriodicCallback,
-    PeriodicCallbackConfig,
     UpdateCounter,
     batch_size_of,
     factor_prefix,
-    register_callback,
 )
 
 
-class ProbeConfig(PeriodicCallbackConfig):
-    """Schedules only."""
+class ProbeConfig(callback_probes.ProbeConfig):
+    """Schedules only (this module's probe kind)."""
 
 
-@register_callback
-class EmaProbeCallback(PeriodicCallback):
+class EmaProbeCallback(RecordingProbe, kind="EmaProbeCallback"):
     """Records the model's weights whenever it runs; counts its runs (its state)."""
 
     config_class = ProbeConfig
 
     def __init__(self, config=None, context=None):
-        super().__init__(config, context)
-        self.runs = 0
-        self.seen = []  # (hook kind, update, swapped?, weights)
+        super().__init__(config, context)  # seen: (hook kind, update, swapped?, weights)
         self.swap_state = None  # set by tests: a dict whose "depth" says whether a swap is active
 
     def _swapped(self):
@@ -51,17 +47,10 @@ class EmaProbeCallback(PeriodicCallback):
     def after_training(self, *, update_counter, **kw):
         self.seen.append(("after_training", update_counter.update, self._swapped(), None))
 
-    def periodic_callback(self, *, interval_type, update_counter, **kw):
-        self.runs += 1
+    def record(self, interval_type, update_counter):
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.seen.append((interval_type.value, update_counter.update, self._swapped(), weights))
         self.log_scalar("probe/weight_sum", sum(float(w.sum()) for w in weights.values()), update_counter)
-
-    def state_dict(self):
-        return {"runs": self.runs}
-
-    def load_state_dict(self, state):
-        self.runs = state["runs"]
+        return (interval_type.value, update_counter.update, self._swapped(), weights)
 
 
 def _model(seed=0):
