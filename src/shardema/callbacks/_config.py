@@ -20,6 +20,7 @@ from ..config import EMAConfig
 from ._registry import kinds_of_config, known_kinds, resolve_kind
 
 PositiveStrictInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegativeStrictInt = Annotated[int, Field(ge=0, strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
 
 def field_error(title: str, loc: tuple, message: str, value: Any) -> ValidationError:
@@ -141,6 +142,14 @@ class EmaCallbackConfig(PeriodicCallbackConfig, EMAConfig):
     """Checkpoint directory; default: the runner's ``ema_root`` (``<run_dir>/ema``)."""
     strict_resume: StrictBool = False
     """On resume, raise instead of warning when no committed checkpoint exists."""
+    keep_last_n_weights: PositiveStrictInt | None = None
+    """Keep only the newest n iteration-tag checkpoints (``cp=E{e}_U{u}_S{s}``, written by
+    ``save_weights``): after each new one is committed, older iteration tags under ``root`` are
+    deleted (never ``latest`` or ``last``). ``None``: keep every one."""
+    start_epoch: NonNegativeStrictInt | None = None
+    """Averaging starts with the first update of epoch ``start_epoch`` (0-based, i.e. once that
+    many epochs have completed); every update before it copies the live weights, and the EMA's
+    clock (its step and sample count, hence the schedule) starts at that update."""
 
     @field_validator("eval_callbacks", mode="before")
     @classmethod
@@ -156,6 +165,15 @@ class EmaCallbackConfig(PeriodicCallbackConfig, EMAConfig):
             raise field_error(type(self).__name__, ("every_n_epochs",),
                               f"{names} {verb} a periodic schedule, but none is set; set every_n_epochs, "
                               f"every_n_updates or every_n_samples, or set {names} to false", None)
+        if self.keep_last_n_weights is not None and not self.save_weights:
+            raise field_error(type(self).__name__, ("keep_last_n_weights",),
+                              f"keep_last_n_weights={self.keep_last_n_weights} prunes the checkpoints save_weights "
+                              "writes, but save_weights is false; set save_weights: true or remove "
+                              "keep_last_n_weights", self.keep_last_n_weights)
+        if self.start_epoch is not None and self.schedule.start_step:
+            raise field_error(type(self).__name__, ("start_epoch",),
+                              f"start_epoch={self.start_epoch} and start_step={self.schedule.start_step} both say "
+                              "when averaging begins; give one of them", self.start_epoch)
         _no_callback_kind_nesting(type(self).__name__, self.eval_callbacks)
         return self
 

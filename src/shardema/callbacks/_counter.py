@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+_ITERATION_TAG_RE = re.compile(r"E(\d+)_U(\d+)_S(\d+)")
+
+
+def parse_iteration_tag(tag: str) -> tuple[int, int, int] | None:
+    """``(epoch, update, sample)`` of an iteration tag ``E{e}_U{u}_S{s}``; None for other tags."""
+    match = _ITERATION_TAG_RE.fullmatch(tag)
+    return None if match is None else (int(match.group(1)), int(match.group(2)), int(match.group(3)))
+
 
 class UpdateCounter:
     """Completed epochs, optimizer updates and samples of a training run.
@@ -62,6 +72,14 @@ class UpdateCounter:
     def counts_samples(self) -> bool:
         """True when updates report their sample counts."""
         return self.sample > 0 or self.effective_batch_size is not None
+
+    @property
+    def update_epoch(self) -> int:
+        """0-based index of the epoch the latest update belongs to: ``epoch``, less one when that
+        update completed an epoch the runner has already counted (with ``updates_per_epoch`` it
+        counts the epoch before the update's hooks run; without, at ``after_epoch``)."""
+        counted = self.updates_per_epoch is not None and self.is_full_epoch
+        return max(0, self.epoch - 1) if counted else self.epoch
 
     @property
     def iteration_tag(self) -> str:

@@ -20,11 +20,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import _dist
 from .._ema import ShardedEMA
 from .._log import logger
+from .._shards import path_label
+from ..checkpoint import delete_checkpoint
+from ..checkpoint._format import parse_cp_dirname
 from ._base import NO_VALUES, CallbackBase, CallbackContext, Hook, IntervalType, PeriodicCallback, build_callback
 from ._config import EmaCallbackConfig
-from ._counter import UpdateCounter
+from ._counter import UpdateCounter, parse_iteration_tag
 from ._metrics import PrefixedWriter
 
 
@@ -39,9 +43,11 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
     - ``before_training`` (or ``resume_from_checkpoint``) creates the
       :class:`~shardema.ShardedEMA` for ``model_paths`` / ``target_factors``; resuming
       loads ``cp=latest``, else ``cp=last``, else starts from the live weights.
-    - ``track_after_update_step`` updates the EMA after every optimizer update.
-    - On the periodic schedule: ``cp=<iteration tag>`` when ``save_weights``,
-      ``cp=latest`` when ``save_latest_weights``.
+    - ``track_after_update_step`` updates the EMA after every optimizer update, with the
+      update's sample count when the loop reports one (the ``edm`` schedule needs it);
+      before epoch ``start_epoch`` (if set) it copies the live weights instead.
+    - On the periodic schedule: ``cp=<iteration tag>`` when ``save_weights`` (only the
+      newest ``keep_last_n_weights`` of them are kept), ``cp=latest`` when ``save_latest_weights``.
     - ``after_training``: ``cp=last`` when ``save_last_weights`` (independently of
       ``save_weights``).
     - ``eval_callbacks`` run once per target factor with that factor's EMA weights
@@ -64,6 +70,8 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
         self.save_weights = cfg.save_weights
         self.save_last_weights = cfg.save_last_weights
         self.save_latest_weights = cfg.save_latest_weights
+        self.keep_last_n_weights = cfg.keep_last_n_weights
+        self.start_epoch = cfg.start_epoch
         self.root = self._resolve_root()
         if self.root is None and (self.save_weights or self.save_latest_weights or self.save_last_weights):
             raise ValueError(f"{self.name}: saving is enabled but there is no checkpoint directory; set root in "
@@ -74,6 +82,7 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
         self.saved_tags: list[str] = []
         """Tags saved by this callback in this process, oldest first."""
         self._saved_at: dict[str, str] = {}
+        self._iteration_tags: list[str] = []  # iteration tags saved in this process, oldest first
         self._saved_ema_step: int | None = None
         self.eval_callbacks: dict[float, list[CallbackBase]] = {
             factor: [build_callback(child, self.context.replace(writer=PrefixedWriter(self.context.writer,
@@ -111,15 +120,76 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
                                "(or resume_from_checkpoint()) first")
         return self.ema
 
-    def _save(self, tag: str, update_counter: UpdateCounter) -> None:
+    def _save(self, tag: str, update_counter: UpdateCounter) -> bool:
+        """Collective: save ``cp=<tag>`` unless it was saved at this position already; True if saved."""
         if self.root is None:  # pragma: no cover - guarded in __init__
             raise ValueError(f"{self.name}: no checkpoint directory to save {tag!r} to")
         position = update_counter.iteration_tag
         if self._saved_at.get(tag) == position:
-            return  # e.g. the update and the epoch schedule fire at the same update: one save is enough
+            return False  # e.g. the update and the epoch schedule fire at the same update: one save is enough
         self._require_ema("save").save(self.root, tag)
         self._saved_at[tag] = position
         self.saved_tags.append(tag)
+        return True
+
+    # ------------------------------------------------------------------ retention
+    def iteration_tags_on_disk(self) -> list[str]:
+        """Iteration tags (``E{e}_U{u}_S{s}``) with a committed or ``.old`` directory under the root
+        for any of the EMA's model paths (``latest``, ``last`` and other tags never match)."""
+        found: set[str] = set()
+        if self.root is None:
+            return []
+        for mp in self.model_paths:
+            label_dir = self.root / path_label(mp)
+            if not label_dir.is_dir():
+                continue
+            for child in label_dir.iterdir():
+                parsed = parse_cp_dirname(child.name)
+                if parsed is not None and parsed[1] != "staging" and parse_iteration_tag(parsed[0]) is not None:
+                    found.add(parsed[0])
+        return sorted(found)
+
+    def weights_oldest_first(self) -> list[str]:
+        """The iteration tags under the root, oldest first: those this callback saved in this
+        process are the newest, in the order saved; the others (earlier runs) come before them,
+        ordered by their update, sample and epoch counts."""
+        on_disk = set(self.iteration_tags_on_disk())
+        ours = [t for t in self._iteration_tags if t in on_disk]
+
+        def counts(tag: str) -> tuple[int, int, int]:
+            epoch, update, sample = parse_iteration_tag(tag) or (0, 0, 0)
+            return update, sample, epoch
+
+        return sorted(on_disk - set(ours), key=counts) + ours
+
+    def prune_weights(self) -> list[str]:
+        """Delete all but the newest ``keep_last_n_weights`` iteration tags; return the deleted tags.
+
+        Runs on rank 0 of the EMA's process group only (the other ranks return ``[]``), after
+        the save that made them superfluous has committed. Each tag is deleted by
+        :func:`shardema.checkpoint.delete_checkpoint` (renamed away first, so readers never
+        see half of one). A failure is logged and leaves the tag for the next pruning: a
+        crash or an error leaves extra checkpoints, never fewer.
+        """
+        keep = self.keep_last_n_weights
+        ema = self._require_ema("prune_weights")
+        if keep is None or self.root is None or _dist.rank(ema.process_group) != 0:
+            return []
+        doomed = self.weights_oldest_first()[:-keep]
+        deleted = []
+        for tag in doomed:
+            try:
+                delete_checkpoint(self.root, tag, self.model_paths)
+            except Exception as exc:  # housekeeping: never fail the training step for it
+                logger.warning("%s: could not delete the old EMA checkpoint cp=%s under %s (%s: %s); it stays, "
+                               "the next save tries again", self.name, tag, self.root, type(exc).__name__, exc)
+                continue
+            deleted.append(tag)
+        self._iteration_tags = [t for t in self._iteration_tags if t not in deleted]
+        if deleted:
+            logger.info("%s: kept the newest %d EMA checkpoints, deleted %s", self.name, keep,
+                        ", ".join(f"cp={t}" for t in deleted))
+        return deleted
 
     # ------------------------------------------------------------------ children
     def get_children(self) -> list[CallbackBase]:
@@ -169,10 +239,33 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
         self.create_ema()
         self._forward(Hook.BEFORE_TRAINING, update_counter, values)
 
+    def update_samples(self, update_counter: UpdateCounter) -> int | None:
+        """Samples of the latest update, handed to ``ema.update(num_samples=...)``: the counter's,
+        when the loop counts samples; else the config's ``batch_size``; else None."""
+        if update_counter.counts_samples:
+            return update_counter.last_update_samples
+        return self.batch_size
+
+    def is_tracking(self, update_counter: UpdateCounter) -> bool:
+        """True when the latest update belongs to an epoch before ``start_epoch`` (the EMA copies)."""
+        return self.start_epoch is not None and update_counter.update_epoch < self.start_epoch
+
     @torch.no_grad()
     def track_after_update_step(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
-        """Update the EMA (every optimizer update); forward to the children with live weights."""
-        self._require_ema("track_after_update_step").update()
+        """Update the EMA (every optimizer update; before ``start_epoch``: copy the live weights,
+        leaving the EMA's step and sample count alone); forward to the children with live weights."""
+        ema = self._require_ema("track_after_update_step")
+        if self.is_tracking(update_counter):
+            ema.reset_to_live()
+        else:
+            samples = self.update_samples(update_counter)
+            schedule = ema.schedule
+            if samples is None and schedule.kind == "edm" and schedule.samples_per_update is None:
+                raise ValueError(
+                    f"{self.name}: the edm schedule counts samples, but the training loop reports none; give the "
+                    "runner effective_batch_size=... (or an UpdateCounter with it), pass num_samples to "
+                    "runner.after_update(), or set samples_per_update in the config")
+            ema.update(num_samples=samples)
         self._forward(Hook.TRACK_AFTER_UPDATE_STEP, update_counter, values)
 
     @torch.no_grad()
@@ -198,10 +291,18 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
         """Save ``cp=<iteration tag>`` and/or ``cp=latest`` (collective)."""
         if interval_type is IntervalType.EVAL:
             return
+        saved_weights = False
         if self.save_weights:
-            self._save(update_counter.iteration_tag, update_counter)
+            tag = update_counter.iteration_tag
+            saved_weights = self._save(tag, update_counter)
+            if saved_weights:
+                if tag in self._iteration_tags:
+                    self._iteration_tags.remove(tag)
+                self._iteration_tags.append(tag)
         if self.save_latest_weights:
             self._save("latest", update_counter)
+        if saved_weights:
+            self.prune_weights()  # last: every save of this position is committed before anything is deleted
 
     @torch.no_grad()
     def after_training(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:

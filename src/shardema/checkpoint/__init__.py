@@ -9,7 +9,7 @@ from ._inspect import CheckpointInfo, list_checkpoints
 from ._lock import CheckpointLockedError, WriterLock
 from ._manifest import ManifestError
 from ._reader import CheckpointMismatchError, load_ema, resume_ema
-from ._writer import cleanup_leftovers, save_ema
+from ._writer import cleanup_leftovers, delete_checkpoint, save_ema
 
 __all__ = [
     "FORMAT_VERSION",
@@ -21,6 +21,7 @@ __all__ = [
     "WriterLock",
     "cleanup_leftovers",
     "consolidate_to_file",
+    "delete_checkpoint",
     "list_checkpoints",
     "load_consolidated",
     "load_ema",

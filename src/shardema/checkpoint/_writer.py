@@ -43,6 +43,7 @@ import torch
 from .. import _dist
 from .._log import logger
 from .._shards import path_label
+from ..config import check_model_paths
 from ._format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -85,6 +86,36 @@ def _remove_dir(path: Path) -> None:
     os.rename(path, trash)
     fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def delete_checkpoint(root, tag: str, model_paths=None) -> list[Path]:
+    """Delete ``cp=<tag>`` (and a stranded ``cp=<tag>.old``) of each model path under ``root``.
+
+    Not collective: call it on one rank. It holds the writer lock of every model path's
+    directory meanwhile (so it never runs during a save into the same root; a held lock
+    raises :class:`CheckpointLockedError`), and deletes each directory by renaming it to
+    ``cp=<tag>.tmp-deleting-<id>`` first, so readers never see a half-deleted checkpoint
+    (one that is being deleted is, at worst, incomplete, and skipped); a crash part-way
+    leaves a staging directory that the next save removes. Returns the removed directories
+    (none when the tag does not exist). ``model_paths``: as given to the EMA (``None``: the
+    whole model).
+    """
+    validate_tag(tag)
+    root = Path(root)
+    removed: list[Path] = []
+    with ExitStack() as locks:
+        for mp in check_model_paths(model_paths):
+            label_dir = root / path_label(mp)
+            if not label_dir.is_dir():
+                continue
+            locks.enter_context(WriterLock(label_dir, purpose=f"deleting {cp_dirname(tag)}"))
+            for name in (cp_dirname(tag), old_dirname(tag)):
+                if (label_dir / name).is_dir():
+                    _remove_dir(label_dir / name)
+                    removed.append(label_dir / name)
+    if removed:
+        logger.info("deleted EMA checkpoint %s under %s", cp_dirname(tag), root)
+    return removed
 
 
 def cleanup_leftovers(root: Path, model_paths, keep_save_id: str | None = None) -> list[Path]:
