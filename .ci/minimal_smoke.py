@@ -10,16 +10,12 @@ group. Prints one line per check and exits 1 on the first failure (or a hang).
 
 from __future__ import annotations
 
-import os
-import queue as queue_module
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 # torch's own import-time warning without numpy (the shardema package hides it; this script
@@ -27,13 +23,15 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 # Everything the ranks and the commands import, imported here first: with bytecode caching
 # on (.ci/minimal_install.sh), the processes started later read it from the cache.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))
+from dist_harness import run_ranks as harness_run_ranks  # noqa: E402
+
 import shardema  # noqa: E402
 import shardema.cli  # noqa: E402
 from shardema.callbacks import EmaCallbackConfig, load_callback_configs  # noqa: E402
@@ -139,70 +137,14 @@ def save_and_resume(root: str, expected_path: str) -> str:
     return resume_and_compare(root, saved)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, fn, args, results) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
-        results.put((rank, True, fn(*args)))
-    except BaseException as exc:
-        detail = str(exc) if isinstance(exc, SmokeFailure) else traceback.format_exc()
-        results.put((rank, False, detail))
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-
-
 def run_ranks(name: str, fn, *args) -> None:
-    """Run ``fn(*args)`` on WORLD gloo ranks; fail on an error, a silent death or a hang."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, fn, args, results), daemon=True) for r in range(WORLD)]
+    """Run ``fn(*args)`` on WORLD gloo ranks (the test suite's harness); fail on an error, a death or a hang."""
     started = time.monotonic()
-    for p in procs:
-        p.start()
-    reports: dict[int, tuple[bool, str]] = {}
-    deadline = started + PHASE_TIMEOUT_S
     try:
-        while len(reports) < WORLD and time.monotonic() < deadline:
-            try:
-                rank, ok, detail = results.get(timeout=0.5)
-                reports[rank] = (ok, detail)
-            except queue_module.Empty:
-                if all(not p.is_alive() for p in procs):
-                    time.sleep(0.5)
-                    while not results.empty():
-                        rank, ok, detail = results.get()
-                        reports[rank] = (ok, detail)
-                    break
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    elapsed = time.monotonic() - started
-    problems = [f"rank {r}: {detail}" for r, (ok, detail) in sorted(reports.items()) if not ok]
-    missing = [r for r in range(WORLD) if r not in reports]
-    if missing:
-        timed_out = elapsed >= PHASE_TIMEOUT_S
-        problems += [f"rank {r}: " + (f"no answer within {PHASE_TIMEOUT_S:.0f} s (hang?)" if timed_out else
-                                      f"exited with code {procs[r].exitcode} without reporting") for r in missing]
-    if problems:
-        raise SmokeFailure(f"{name} on {WORLD} gloo ranks failed:\n" + "\n".join(problems))
-    print(f"  ok  {name} on {WORLD} gloo ranks ({reports[0][1]}, {elapsed:.1f} s)", flush=True)
+        results = harness_run_ranks(fn, WORLD, *args, timeout=PHASE_TIMEOUT_S, pg_timeout_s=PG_TIMEOUT_S)
+    except (AssertionError, TimeoutError) as exc:
+        raise SmokeFailure(f"{name} on {WORLD} gloo ranks failed:\n{exc}") from None
+    print(f"  ok  {name} on {WORLD} gloo ranks ({results[0]}, {time.monotonic() - started:.1f} s)", flush=True)
 
 
 # --------------------------------------------------------------------------- single process

@@ -64,7 +64,7 @@ def _fsync_file(f) -> None:
 
 def _host_views(ema) -> list[torch.Tensor]:
     """The shadow storages as flat host tensors (copied from the device when needed)."""
-    flats = [g.flat for g in ema._groups]
+    flats = [g.flat for g in ema.store._groups]
     return [f.reshape(-1) if f.device.type == "cpu" else f.reshape(-1).cpu() for f in flats]
 
 
@@ -104,7 +104,7 @@ class Checkpointing:
     # reads (into memory the EMA already owns, where the method allows it)
     def raw_read(self) -> None:
         with open(self.raw_path, "rb", buffering=0) as f:
-            for group in self.ema._groups:
+            for group in self.ema.store._groups:
                 flat = group.flat.reshape(-1)
                 host = flat if flat.device.type == "cpu" else torch.empty(flat.shape, dtype=flat.dtype)
                 data = memoryview(host.numpy()).cast("B")

@@ -26,6 +26,7 @@ Which ranks run each step of ``resume_ema``:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -249,8 +250,10 @@ def _unchanged(candidate: Candidate) -> bool:
     return True
 
 
-DISCOVERY_ATTEMPTS = 3
-"""How often a resume looks again when a candidate moved away while it was read (a commit ran)."""
+DISCOVERY_ATTEMPTS = 10
+"""How often a resume looks again when a candidate moved away while it was read (a commit ran);
+the waits between attempts grow from 10 ms to 0.5 s, so a writer committing in a tight loop
+cannot starve a reader."""
 
 
 def _load_first(ema, load: CheckpointLoad, root: Path, tags) -> str | None:
@@ -303,6 +306,7 @@ def _load_first(ema, load: CheckpointLoad, root: Path, tags) -> str | None:
             return None
         logger.info("a candidate moved while it was read (a save committed); looking again (attempt %d)",
                     attempt + 2)
+        time.sleep(min(0.01 * 2**attempt, 0.5))
     return None
 
 
