@@ -205,7 +205,7 @@ def test_ema_of_a_changing_live_weight_equals_the_closed_form_recursion(kind, up
 def test_reset_to_live_sets_every_shadow_to_the_live_weights_and_keeps_the_step():
     torch.manual_seed(0)
     for model, options in [(TwoTower(), {"buffers": "average"}),
-                           (nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)).bfloat16(), {"upcast_scratch_bytes": 64})]:
+                           (nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)).bfloat16(), {"upcast_buffer_bytes": 64})]:
         factors = [0.9, 0.5]
         ema = ShardedEMA(model, factors, **options)
         generator = torch.Generator().manual_seed(2)
