@@ -164,7 +164,7 @@ def test_check_factors_rejects(bad, message):
 def test_close_factors_message_names_both():
     with pytest.raises(ValueError) as info:
         check_factors([0.5 + 1e-13, 0.5])
-    assert "0.5 and 0.5000000000001" in str(info.value)
+    assert "0.5 and 0.5000000000001 differ by 1e-13, less than 1e-12" in str(info.value)
 
 
 def test_check_model_paths_accepts():
@@ -269,3 +269,12 @@ def test_edm_defaults_are_no_samples_and_nothing_seen():
     # samples_seen defaults to 0: the ramped half-life is the 1e-8 floor, so any sample copies
     ramped = DecaySchedule(kind="edm", half_life_samples=10.0, rampup_ratio=1.0)
     assert ramped.decay(0.9, 3, samples=1.0) == 0.0
+
+
+def test_factors_exactly_the_tolerance_apart_match():
+    assert factors_match(0.0, FACTOR_MATCH_TOLERANCE)  # |0 - 1e-12| == 1e-12 exactly in binary
+
+
+def test_a_plain_config_is_its_own_ema_config():
+    cfg = EMAConfig(target_factors=[0.9])
+    assert cfg.to_ema_config() is cfg
