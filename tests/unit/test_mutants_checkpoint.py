@@ -1,1 +1,0 @@
-"""Tests that kill mutants left alive by the other unit tests (docs/testing.md, "Mutation testing")."""
