@@ -75,9 +75,11 @@ class ShardedEMA:
         process_group: the group the model is sharded over (default: the world).
         **options: :class:`~shardema.EMAConfig` fields, as a convenience that builds the
             config (``target_factors``, ``model_paths``, ``shadow_dtype``, ``buffers``,
-            ``schedule``, ``inv_gamma``, ``power``, ``update_every``, ``start_step``,
-            ``include_frozen``, ``upcast_buffer_bytes``, ``exchange_buffer_bytes``,
-            ``chunk_numel``). Not allowed together with an ``EMAConfig``.
+            ``schedule``, ``include_frozen``, ``include``, ``exclude``,
+            ``upcast_buffer_bytes``, ``exchange_buffer_bytes``, ``chunk_numel``), and the
+            schedule's options given flat (``update_every``, ``start_step``, ``min_decay``,
+            ``power``, ``half_life_samples``, ...: every :class:`~shardema.DecaySchedule`
+            field). Not allowed together with an ``EMAConfig``.
 
     Example::
 

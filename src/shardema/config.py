@@ -247,9 +247,10 @@ class EMAConfig(BaseModel):
     """Every option of a :class:`~shardema.ShardedEMA`, validated once; frozen.
 
     ``ShardedEMA(model, EMAConfig(...))`` and ``ShardedEMA(model, factors, **fields)``
-    build the same EMA; ``EmaCallbackConfig`` (YAML) has the same fields. The schedule
-    options ``inv_gamma``, ``power``, ``update_every`` and ``start_step`` may be given
-    flat, beside ``schedule``; they end up in :attr:`schedule`. Round-trips through
+    build the same EMA; ``EmaCallbackConfig`` (YAML) has the same fields. Every
+    :class:`DecaySchedule` option (``update_every``, ``start_step``, ``min_decay``,
+    ``power``, ``half_life_samples``, ...) may also be given flat, beside ``schedule``;
+    they end up in :attr:`schedule`. Round-trips through
     ``model_dump_json()`` / ``model_validate_json()`` and YAML.
 
     Example::

@@ -58,7 +58,7 @@ def _assert_same(ours, expected):
 STEPS = 300
 
 
-def test_torchtitan_half_life_with_step_bias_and_update_every():
+def test_half_life_closed_form_with_step_bias_and_update_every():
     schedule = dict(kind="half_life", half_life_fraction=0.2, step_bias=5, update_every=3, count="firings")
     ours, _ = _run(schedule, STEPS, factors=(0.9999, 0.97))
     expected = _replay(lambda f, call, firing: min(f, 2 ** (-1 / (0.2 * max(1, firing + 1 + 5)))), STEPS,
