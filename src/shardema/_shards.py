@@ -184,9 +184,9 @@ def describe(model_path: str | None, fqn: str, owner: nn.Module, attr: str, valu
             # reduction has no value yet to average.
             if placement.is_partial():
                 raise NotImplementedError(
-                    f"{fqn!r} has placement {placement}: a pending reduction, not a value; redistribute it to "
-                    "Shard or Replicate (e.g. dtensor.redistribute(placements=[Replicate()])) before creating "
-                    "the EMA"
+                    f"{fqn!r} has placement {placement} (Partial: a pending reduction, not a value); "
+                    "redistribute it to Shard or Replicate (e.g. dtensor.redistribute(placements=[Replicate()])) "
+                    "before creating the EMA"
                 )
         mesh = value.device_mesh
         global_shape = tuple(value.shape)

@@ -206,7 +206,7 @@ def parity_on_two_ranks():
     out["subset"] = (info.model_paths, info.num_tensors)
     _check_swap(model, ema, ref, 0.9, x, expect_unsharded=True)
 
-    # FSDP2 bf16 live shards, fp32 shadows: the backup path (BN buffers are exchanged in place).
+    # FSDP2 bf16 live shards, fp32 shadows: the backup path (buffers are always backed up).
     model = _net().bfloat16()
     for m in (model.body[0], model.head, model):
         fully_shard(m)
@@ -215,7 +215,8 @@ def parity_on_two_ranks():
     _train(model, ema, ref, steps=3, dtype=torch.bfloat16)
     info = _check_swap(model, ema, ref, 0.99, x.bfloat16(), atol=3e-2, backup_to_host=True)
     local_param_bytes = sum(p.to_local().numel() * 2 for p in model.parameters())
-    assert info.backup_bytes == local_param_bytes and not info.backup_on_host  # CPU: nothing to pin
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert info.backup_bytes == local_param_bytes + buffer_bytes and not info.backup_on_host  # CPU: nothing to pin
     out["bf16"] = info.mode
 
     # Tensor parallel: column-wise then row-wise Linear (Shard(0), Shard(1), Replicate params).
@@ -348,7 +349,7 @@ def test_swap_matches_unsharded_reference_for_ddp_fsdp2_subset_bf16_and_tp():
         assert r["ddp"] == "in_place" and r["fsdp"][0] == "in_place" and r["tp"] == "in_place"
         assert r["fsdp_tiny_scratch"] == 8
         assert r["subset"] == (("head",), 2 if r["rank"] == 0 else 0)
-        assert r["bf16"] == "mixed"  # bf16 params backed up, copied BN buffers exchanged
+        assert r["bf16"] == "backup"  # every bf16 parameter backed up (the mode speaks of parameters)
     assert results[0]["rows"] == {"head.weight": 1, "head.bias": 1}
     assert results[1]["rows"] == {"head.weight": 0, "head.bias": 0}  # a rank with zero rows
     assert results[1]["fsdp"][2] < results[0]["fsdp"][2]  # empty pieces are not swapped
