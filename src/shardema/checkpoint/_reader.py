@@ -172,7 +172,13 @@ def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
                 if covered != t.local_numel:
                     raise AssertionError(f"{t.fqn!r}: saved pieces cover {covered} of {t.local_numel} local elements")
     for path in sorted(reads):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # torch / safetensors raise RuntimeError or their own error types
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: gone while it was read (a newer save replaced it)") from None
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+        with handle as f:
             for t, shadow, piece, (offset, shape) in reads[path]:
                 whole = list(shape) == piece["shape"]
                 if whole:
