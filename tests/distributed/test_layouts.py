@@ -68,7 +68,12 @@ def _delta(name: str, shape, step: int) -> torch.Tensor:
 
 def _reference(full_model: nn.Module, names, steps: int = STEPS) -> dict:
     """Float64 EMA per factor of the full tensors after ``steps`` perturbations."""
-    live = {n: p.detach().double().clone() for n, p in full_model.named_parameters() if n in names}
+    return reference_from({n: p.detach() for n, p in full_model.named_parameters() if n in names}, steps)
+
+
+def reference_from(initial: dict, steps: int = STEPS) -> dict:
+    """Float64 EMA per factor of the full tensors ``initial`` (name -> tensor) after ``steps`` perturbations."""
+    live = {n: v.double().clone() for n, v in initial.items()}
     ema = {f: {n: v.clone() for n, v in live.items()} for f in FACTORS}
     for step in range(steps):
         for n in live:

@@ -44,12 +44,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_ranks
+from test_layouts import FACTORS as LAYOUT_FACTORS
+from test_layouts import _delta, reference_from
 
 _MISSING = [m for m in ("torchtitan", "spmd_types", "tyro") if importlib.util.find_spec(m) is None]
 
@@ -62,6 +63,7 @@ pytestmark = [
 
 FACTORS = (0.9, 0.99)
 STEPS = 3
+assert FACTORS == LAYOUT_FACTORS  # the shared float64 reference averages these factors
 BACKENDS = ("full_dtensor", "partial_dtensor")
 LAYERS = 2
 WRAPPER = "._checkpoint_wrapped_module"  # torchtitan's activation checkpointing wraps each block
@@ -156,21 +158,9 @@ def _name(fqn: str) -> str:
     return fqn.replace(WRAPPER, "")
 
 
-def _delta(name: str, shape, step: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 100 + step)
-    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64)
-
-
 def _reference(initial: dict) -> dict:
-    """Float64 EMA per factor of the full tensors after ``STEPS`` perturbations."""
-    live = {n: v.double().clone() for n, v in initial.items()}
-    ema = {f: {n: v.clone() for n, v in live.items()} for f in FACTORS}
-    for step in range(STEPS):
-        for n in live:
-            live[n] += _delta(n, live[n].shape, step)
-            for f in FACTORS:
-                ema[f][n] = f * ema[f][n] + (1 - f) * live[n]
-    return ema
+    """Float64 EMA per factor of the full tensors after ``STEPS`` perturbations (the layout tests' reference)."""
+    return reference_from(initial, STEPS)
 
 
 @torch.no_grad()
