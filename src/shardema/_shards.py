@@ -128,11 +128,6 @@ class TrackedTensor:
         return math.prod(self.local_shape)
 
     @property
-    def is_floating(self) -> bool:
-        """True for floating-point tensors (the only ones ever blended)."""
-        return self.dtype.is_floating_point or self.dtype.is_complex
-
-    @property
     def registry(self) -> dict:
         """The owner's registration table this tensor lives in (``_parameters`` or ``_buffers``).
 

@@ -226,19 +226,17 @@ class ShadowStore:
         """The group's plan, rebuilt only when a live local tensor was replaced."""
         if group.plan is not None and group.watch is not None and group.watch.unchanged():
             return group.plan  # the steady state: nothing was replaced
-        lives = [t.local() for t in group.members]
         # Something changed: FSDP2 may have left unsharded params (reshard and look again),
         # replaced a local tensor, or the user assigned ``p.data`` (new views, same shadows;
         # a changed shape or dtype raises naming the FQN).
         lives = self.resolve_lives(group.members)
-        ptrs = [live.data_ptr() for live in lives]
-        if group.plan is not None and _same_tensors(lives, group.plan_lives, ptrs) and ptrs == group.plan_ptrs:
-            return group.plan
+        group.watch = _Watch(group.members, lives)
+        if group.plan is not None and _same_tensors(lives, group.plan_lives, group.plan_ptrs):
+            return group.plan  # resharding brought back the tensors the plan holds
         group.plan = LerpPlan(group.views, lives, chunk_numel=self.config.chunk_numel,
                               scratch=self._upcast.get(group.flat.device))
         group.plan_lives = lives
-        group.plan_ptrs = ptrs
-        group.watch = _Watch(group.members, lives)
+        group.plan_ptrs = [live.data_ptr() for live in lives]
         return group.plan
 
     def _copied_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
