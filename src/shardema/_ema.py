@@ -51,9 +51,10 @@ def build_config(config: Any, options: dict[str, Any]) -> EMAConfig:
             raise TypeError("ShardedEMA got target factors twice (second argument and target_factors=); give them "
                             "once")
         options = {"target_factors": config, **options}
-    if "target_factors" not in options:
-        raise TypeError("ShardedEMA needs target factors: ShardedEMA(model, [0.9999]) or "
-                        "ShardedEMA(model, EMAConfig(target_factors=[0.9999]))")
+    if "target_factors" not in options and options.get("sigma_rels") is None:
+        raise TypeError("ShardedEMA needs target factors: ShardedEMA(model, [0.9999]), "
+                        "ShardedEMA(model, EMAConfig(target_factors=[0.9999])) or, for post-hoc EMA, "
+                        "ShardedEMA(model, sigma_rels=[0.05, 0.10])")
     return EMAConfig(**options)
 
 
@@ -463,12 +464,16 @@ class ShardedEMA:
                     {k: state_dict[k] for k in ("samples_seen", "samples_pending") if k in state_dict})
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, root, tag: str = "latest") -> str:
-        """Collective: write this EMA under ``root`` with ``tag`` (see docs/checkpoint-format.md)."""
+    def save(self, root, tag: str = "latest", *, dtype: torch.dtype | None = None) -> str:
+        """Collective: write this EMA under ``root`` with ``tag`` (see docs/checkpoint-format.md).
+
+        ``dtype``: store the averaged shadows in a lower precision (e.g. ``torch.bfloat16``
+        for post-hoc snapshots); ``None`` stores them as they are.
+        """
         self._require_idle("save")
         from .checkpoint import save_ema
 
-        return save_ema(self, root, tag)
+        return save_ema(self, root, tag, dtype=dtype)
 
     def resume(self, root, strict: bool = False) -> str | None:
         """Collective: load ``cp=latest``, else ``cp=last``; else keep the live init (None)."""

@@ -25,7 +25,9 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-ScheduleKind = Literal["constant", "warmup", "power", "half_life", "edm", "swa"]
+from ._profiles import check_sigma_rel, gamma_of_sigma_rel, power_function_decay
+
+ScheduleKind = Literal["constant", "warmup", "power", "half_life", "edm", "swa", "power_function"]
 BufferPolicy = Literal["copy", "average", "ignore"]
 ShadowDtypeName = Literal["float32", "float64", "bfloat16", "float16", "live"]
 
@@ -96,6 +98,30 @@ def check_factors(target_factors: Any) -> tuple[float, ...]:
     return tuple(factors)
 
 
+def _profiles_as_factors(data: dict) -> dict:
+    """``sigma_rels=[...]`` -> ``target_factors=[...]`` with ``schedule="power_function"`` (before validation)."""
+    if data.get("sigma_rels") is None:
+        return data
+    sigma_rels = data["sigma_rels"]
+    if isinstance(sigma_rels, (int, float)) and not isinstance(sigma_rels, bool):
+        sigma_rels = [sigma_rels]
+    if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:
+        raise ValueError(f"sigma_rels={sigma_rels!r} must be a non-empty list of relative widths, e.g. [0.05, 0.10]")
+    sigma_rels = tuple(check_sigma_rel(v) for v in sigma_rels)
+    given = data.get("target_factors")
+    if given is not None and tuple(check_factors(given)) != sigma_rels:
+        raise ValueError(f"give sigma_rels={list(sigma_rels)} or target_factors={given!r}, not both: a "
+                         "power-function EMA names its averages by their sigma_rels")
+    schedule = data.get("schedule", "power_function")
+    kind = (schedule if isinstance(schedule, str) else schedule.get("kind", "constant") if isinstance(schedule, dict)
+            else getattr(schedule, "kind", None))
+    if kind != "power_function":
+        raise ValueError(f"sigma_rels needs schedule 'power_function' (it is {kind!r}); leave schedule unset")
+    if isinstance(schedule, str):
+        schedule = {"kind": schedule}
+    return {**data, "sigma_rels": sigma_rels, "target_factors": sigma_rels, "schedule": schedule}
+
+
 def _is_dotted_path(path: object) -> bool:
     return (isinstance(path, str) and bool(path) and path == path.strip(".") and ".." not in path
             and not any(c.isspace() for c in path))
@@ -145,6 +171,11 @@ class DecaySchedule(BaseModel):
       half-life in samples, independent of the batch size (Karras et al., EDM).
     - ``swa``: the equal average of every firing (``torch.optim.swa_utils.AveragedModel``):
       decay = n / (n + 1) over firings, so the first firing copies; ``factor`` is ignored.
+    - ``power_function``: the post-hoc EMA profiles of Karras et al. (EDM2): ``factor`` is
+      the profile's ``sigma_rel``, ``gamma`` solves ``sigma_rel = sqrt((gamma + 1) /
+      ((gamma + 2)**2 (gamma + 3)))`` and decay = ``(1 - 1/t)**(gamma + 1)`` with ``t`` the
+      firings so far, this one included (the first firing copies). Set it with
+      ``EMAConfig(sigma_rels=[...])``; see docs/posthoc.md.
 
     For every kind: ``update_every=k`` averages on every k-th call only; ``start_step=s``
     makes calls before ``s`` copy the live weights; ``min_decay`` is a floor on the decay
@@ -188,13 +219,17 @@ class DecaySchedule(BaseModel):
             raise ValueError("kind 'half_life' needs half_life_fraction, e.g. 0.1 (a tenth of the run so far)")
         if self.kind == "edm" and self.half_life_samples is None:
             raise ValueError("kind 'edm' needs half_life_samples, e.g. 500_000 (EDM's 500 kimg)")
+        if self.kind == "power_function" and (self.min_decay or self.first_update_copies or self.count != "calls"):
+            raise ValueError("kind 'power_function' takes neither min_decay, first_update_copies nor count: its "
+                             "decays are fixed by the profile (time counts firings; the first one copies)")
         return self
 
     def ignored_options(self) -> list[str]:
         """Options set away from their default that this kind does not use (worth a warning)."""
         used = {"constant": set(), "warmup": set(), "power": {"inv_gamma", "power"},
                 "half_life": {"half_life_fraction", "step_bias"},
-                "edm": {"half_life_samples", "rampup_ratio", "samples_per_update"}, "swa": set()}[self.kind]
+                "edm": {"half_life_samples", "rampup_ratio", "samples_per_update"}, "swa": set(),
+                "power_function": set()}[self.kind]
         defaults = {"inv_gamma": 1.0, "power": 2 / 3, "half_life_fraction": None, "step_bias": 0,
                     "half_life_samples": None, "rampup_ratio": None, "samples_per_update": None}
         ignored = [name for name, default in defaults.items() if name not in used and getattr(self, name) != default]
@@ -238,6 +273,8 @@ class DecaySchedule(BaseModel):
             if self.rampup_ratio is not None:
                 half_life = min(half_life, samples_seen * self.rampup_ratio)
             value = min(factor, 0.5 ** (samples / max(half_life, 1e-8)))
+        elif self.kind == "power_function":  # factor is the profile's sigma_rel
+            return power_function_decay(gamma_of_sigma_rel(factor), fired + 1)
         else:  # swa: the equal average of the firings
             return fired / (fired + 1.0)
         return max(value, self.min_decay)
@@ -263,7 +300,13 @@ class EMAConfig(BaseModel):
 
     target_factors: tuple[float, ...]
     """Decays in (0, 1), distinct (one number is accepted). Typical: 0.999 for ~10k-step runs,
-    0.9999 for ~100k+ steps. All factors are updated by the same fused kernel."""
+    0.9999 for ~100k+ steps. All factors are updated by the same fused kernel. With
+    :attr:`sigma_rels` they are the sigma_rels (each tracked average is named by its number)."""
+    sigma_rels: tuple[float, ...] | None = None
+    """Post-hoc EMA (EDM2): track power-function profiles of these relative widths instead of
+    decays, e.g. ``[0.05, 0.10]``; implies ``schedule="power_function"``. Each profile is named
+    by its sigma_rel wherever a factor names an average (``swapped(0.05)``, ``shadow``,
+    ``ema=0.05`` checkpoint folders and metric prefixes). See docs/posthoc.md."""
     model_paths: tuple[str | None, ...] = (None,)
     """Dotted submodule paths averaged separately (``None``: the whole model). Keys are FQNs
     relative to each path, wrapper prefixes (``module.``, ``_orig_mod.``) removed."""
@@ -302,6 +345,7 @@ class EMAConfig(BaseModel):
         renamed = [k for k in data if k in RENAMED_OPTIONS]
         if renamed:
             raise ValueError("; ".join(f"option {k!r} was renamed to {RENAMED_OPTIONS[k]!r}" for k in renamed))
+        data = _profiles_as_factors(data)
         flat = {k: data[k] for k in SCHEDULE_FIELDS if k in data}
         if not flat:
             return data
@@ -323,6 +367,18 @@ class EMAConfig(BaseModel):
     @classmethod
     def _check_factors(cls, value: Any) -> tuple[float, ...]:
         return check_factors(value)
+
+    @model_validator(mode="after")
+    def _profiles_match_schedule(self) -> EMAConfig:
+        if self.schedule.kind == "power_function":
+            for value in self.target_factors:
+                check_sigma_rel(value)
+            if self.sigma_rels is None:  # ShardedEMA(model, [0.05, 0.1], schedule="power_function")
+                object.__setattr__(self, "sigma_rels", self.target_factors)
+        if self.sigma_rels is not None and self.sigma_rels != self.target_factors:
+            raise ValueError(f"sigma_rels {list(self.sigma_rels)} and target_factors {list(self.target_factors)} "
+                             "differ; give sigma_rels only")
+        return self
 
     @field_validator("model_paths", mode="before")
     @classmethod

@@ -19,7 +19,16 @@ from tqdm.auto import tqdm
 
 from .._log import logger
 from .._shards import path_label
-from ._format import FORMAT_VERSION, TEMP_SUFFIX, cp_dirname, factor_name, numel, tensor_crc32, validate_tag
+from ._format import (
+    FORMAT_VERSION,
+    TEMP_SUFFIX,
+    box_overlap,
+    cp_dirname,
+    factor_name,
+    numel,
+    tensor_crc32,
+    validate_tag,
+)
 from ._io import SafetensorsStreamWriter, fsync_dir
 from ._manifest import Version, find_candidates, saved_factor, tensor_dtype, versions_of
 
@@ -104,17 +113,30 @@ class ConsolidatedReader:
     def read(self, fqn: str) -> torch.Tensor:
         """The full tensor ``fqn``; raises ``ValueError`` naming the file of a corrupt piece."""
         fqn = self.alias_of.get(fqn, fqn)
-        info = self.manifest["tensors"][fqn]
-        full = torch.empty(info["global_shape"], dtype=tensor_dtype(self.manifest, fqn))
+        shape = self.manifest["tensors"][fqn]["global_shape"]
+        return self.read_box(fqn, [0] * len(shape), shape)
+
+    def read_box(self, fqn: str, offset, shape) -> torch.Tensor:
+        """The box ``[offset, offset + shape)`` of tensor ``fqn``, from the pieces that overlap it.
+
+        Each overlapping piece is read whole and checked against its CRC-32 (so the memory
+        is the box plus one piece); raises ``ValueError`` naming the file of a corrupt piece.
+        """
+        fqn = self.alias_of.get(fqn, fqn)
+        box = torch.empty(list(shape), dtype=tensor_dtype(self.manifest, fqn))
         for path, piece in self._pieces.get(fqn, []):
+            overlap = box_overlap(piece["offset"], piece["shape"], offset, shape)
+            if overlap is None:
+                continue
             data = self._open(path).get_tensor(fqn)
             if list(data.shape) != piece["shape"] or tensor_crc32(data) != piece["crc32"]:
                 raise ValueError(f"{path}: {fqn!r} fails its shape or CRC-32 check (corrupt checkpoint)")
-            view = full
-            for dim, (start, size) in enumerate(zip(piece["offset"], piece["shape"])):
-                view = view.narrow(dim, start, size)
-            view.copy_(data)
-        return full
+            source, target = data, box
+            for dim, (start, size) in enumerate(zip(*overlap)):
+                source = source.narrow(dim, start - piece["offset"][dim], size)
+                target = target.narrow(dim, start - offset[dim], size)
+            target.copy_(source)
+        return box
 
     def close(self) -> None:
         """Close the open files."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .._shards import TrackedTensor
 from ._format import dtype_name
 
@@ -27,12 +29,20 @@ def mesh_shape(t: TrackedTensor) -> list[int] | None:
     return None if t.mesh is None else [int(s) for s in t.mesh.shape]
 
 
-def local_table(ema) -> Table:
-    """This rank's tensor table: every tracked tensor of every model path."""
+def stored_dtype(t: TrackedTensor, shadow_dtype: torch.dtype, save_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a save stores a shadow in: ``save_dtype`` for averaged floating tensors, else its own."""
+    if save_dtype is None or not t.blended or not shadow_dtype.is_floating_point:
+        return shadow_dtype
+    return save_dtype
+
+
+def local_table(ema, save_dtype: torch.dtype | None = None) -> Table:
+    """This rank's tensor table: every tracked tensor of every model path (dtypes as a save stores them)."""
     table: Table = {mp: {} for mp in ema.model_paths}
     for t in ema.tracked():
         table[t.model_path][t.fqn] = {
-            "global_shape": list(t.global_shape), "dtype": dtype_name(ema.shadow(0, t.key).dtype),
+            "global_shape": list(t.global_shape),
+            "dtype": dtype_name(stored_dtype(t, ema.shadow(0, t.key).dtype, save_dtype)),
             "blended": t.blended, "is_buffer": t.is_buffer, "aliases": list(t.aliases),
             "placements": None if t.placements is None else str(tuple(t.placements)), "mesh_shape": mesh_shape(t),
         }

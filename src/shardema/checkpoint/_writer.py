@@ -64,7 +64,7 @@ from ._format import (
 from ._io import SafetensorsStreamWriter, fsync_dir, make_dirs, write_bytes_atomic
 from ._lock import WriterLock
 from ._manifest import find_candidates, validate_manifest
-from ._table import local_table, mesh_shape, union_tables
+from ._table import local_table, mesh_shape, stored_dtype, union_tables
 
 
 def group_root(group) -> int:
@@ -171,7 +171,11 @@ def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, wo
     writers = [t for t in ema.tracked([mp]) if (t.model_path, t.fqn, t.global_offset) in plan["writes"]]
     if not writers:
         return None
-    shadows = {t.fqn: ema.shadow(factor, t.key) for t in writers}
+    save_dtype = plan["dtype"]
+    shadows = {}
+    for t in writers:
+        shadow = ema.shadow(factor, t.key)
+        shadows[t.fqn] = shadow.to(stored_dtype(t, shadow.dtype, save_dtype))
     pieces = {}
     for t in writers:
         pieces[t.fqn] = {
@@ -271,14 +275,19 @@ def _commit(ema, root: Path, plan: dict, world: int, entries: list[dict]) -> Non
 
 
 @torch.no_grad()
-def save_ema(ema, root, tag: str = "latest") -> str:
+def save_ema(ema, root, tag: str = "latest", *, dtype: torch.dtype | None = None) -> str:
     """Collective: save every model path and factor of ``ema`` under ``root`` as ``cp=<tag>``.
 
     See the commit protocol note of this module and docs/checkpoint-format.md. Returns
     the tag. Raises on every rank when any rank fails; the previous committed
     version of the tag stays readable and the next save removes the leftovers.
+    ``dtype``: store the averaged floating shadows in this floating dtype (e.g.
+    ``torch.bfloat16`` for post-hoc snapshots; copied tensors keep theirs); ``None``:
+    as they are. A resume casts back to the shadows' dtype.
     """
     validate_tag(tag)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} must be a floating torch dtype such as torch.bfloat16, or None")
     root = Path(root)
     group = ema.process_group
     rank, world = _dist.rank(group), _dist.world_size(group)
@@ -287,7 +296,7 @@ def save_ema(ema, root, tag: str = "latest") -> str:
     # held by several ranks (replicas outside the DTensor's mesh, e.g. DDP around tensor
     # parallelism) is written by the lowest of them only.
     claims = {(t.model_path, t.fqn, t.global_offset) for t in ema.tracked() if t.writes_checkpoint}
-    table = local_table(ema)
+    table = local_table(ema, dtype)
     with ExitStack() as locks:
         proposal = None
         if rank == 0:
@@ -302,14 +311,15 @@ def save_ema(ema, root, tag: str = "latest") -> str:
         if lock_error:
             raise RuntimeError(f"saving the EMA checkpoint {cp_dirname(tag)} under {root} failed on rank 0: "
                                f"{lock_error}; nothing was written")
-        return _save_locked(ema, root, tag, gathered, claims, rank, world, started)
+        return _save_locked(ema, root, tag, gathered, claims, rank, world, started, dtype)
 
 
 def _save_locked(ema, root: Path, tag: str, gathered: list, claims: set, rank: int, world: int,
-                 started: float) -> str:
+                 started: float, dtype: torch.dtype | None) -> str:
     """Steps 2-7 of the commit protocol, while rank 0 holds the writer locks."""
     group = ema.process_group
     plan = dict(gathered[0][0])
+    plan["dtype"] = dtype
     earlier = set().union(*(c for _, c, _ in gathered[:rank])) if rank else set()
     plan["writes"] = claims - earlier
     plan["table"], conflicts = union_tables([t for _, _, t in gathered])
