@@ -1,4 +1,4 @@
-"""The ``shardema`` command line: ``consolidate``, ``inspect`` (no process group needed) and ``launch``.
+"""The ``shardema`` command line: ``consolidate``, ``inspect``, ``posthoc`` (no process group needed) and ``launch``.
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that registers its
 parser and sets ``handler`` to a ``_run_<name>(args) -> int`` function; :func:`main`
@@ -105,7 +105,56 @@ def _run_launch(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_consolidate, _add_inspect, _add_launch)
+def _add_posthoc(subparsers) -> None:
+    p = subparsers.add_parser(
+        "posthoc", help="reconstruct any EMA length (sigma_rel) from post-hoc snapshots",
+        description="Combine the post-hoc snapshots (cp=snapshot-*) under ROOT into the power-function EMA of "
+                    "relative width SIGMA_REL at a step (Karras et al., EDM2); see docs/posthoc.md. Give --out "
+                    "(one safetensors file), --out-root (a sharded checkpoint that resume/swapped use), --plot "
+                    "and/or --explain.")
+    p.add_argument("root", help="checkpoint root the snapshots were saved under")
+    p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width, e.g. 0.07")
+    p.add_argument("--step", type=int, default=None, help="EMA step (default: the last snapshot's)")
+    p.add_argument("--model-path", default=None, help="dotted model path (default: the whole model)")
+    p.add_argument("--out", default=None, help="write one .safetensors file")
+    p.add_argument("--out-root", default=None, help="write a sharded checkpoint under this root")
+    p.add_argument("--tag", default="latest", help="tag of the --out-root checkpoint (default: latest)")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=None,
+                   help="dtype of the averaged tensors (default: float32, float64 for float64 shadows)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or --out-root tag")
+    p.add_argument("--plot", default=None, help="PNG of the target profile against the reconstructed one")
+    p.add_argument("--explain", action="store_true", help="print the snapshots used and their coefficients")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    p.set_defaults(handler=_run_posthoc)
+
+
+def _run_posthoc(args) -> int:
+    import torch
+
+    from . import posthoc
+
+    if not (args.out or args.out_root or args.plot or args.explain):
+        raise ValueError("nothing to do: give --out FILE, --out-root DIR, --plot FILE and/or --explain")
+    plan = posthoc.plan_reconstruction(args.root, args.sigma_rel, args.step, args.model_path)
+    if args.explain:
+        print(plan.explain())
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    progress = False if args.no_progress else True
+    if args.out:
+        path = posthoc.reconstruct_to_file(args.root, args.sigma_rel, args.out, plan.step, args.model_path,
+                                           dtype=dtype, overwrite=args.overwrite, progress=progress)
+        print(f"wrote {path}")
+    if args.out_root:
+        path = posthoc.reconstruct_to_checkpoint(args.root, args.sigma_rel, args.out_root, args.tag, plan.step,
+                                                 args.model_path, dtype=dtype, overwrite=args.overwrite,
+                                                 progress=progress)
+        print(f"wrote {path}")
+    if args.plot:
+        print(f"wrote {posthoc.plot_profiles(plan, args.plot)}")
+    return 0
+
+
+SUBCOMMANDS = (_add_consolidate, _add_inspect, _add_launch, _add_posthoc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
-    except (OSError, ValueError, NotImplementedError) as exc:  # the user's input: one line, no traceback
+    except (OSError, ValueError, NotImplementedError, ImportError) as exc:  # the user's input: one line, no traceback
         print(f"shardema {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
