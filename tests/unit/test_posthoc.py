@@ -271,3 +271,54 @@ def test_a_corrupt_snapshot_is_named_not_skipped(tmp_path):
     (tmp_path / "model" / "cp=snapshot-000000002" / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"snapshot .*cp=snapshot-000000002 is not intact"):
         posthoc.reconstruct(tmp_path, 0.07)
+
+
+# ---------------------------------------------------------------------- the callback
+CALLBACK_YAML = """
+- kind: EmaCallback
+  sigma_rels: [0.05, 0.10]
+  shadow_dtype: float64
+  snapshot_every_n_updates: 5
+  save_last_weights: false
+"""
+
+
+def test_ema_callback_snapshots_every_n_updates_from_yaml(tmp_path):
+    from shardema.callbacks import CallbackRunner, MemoryWriter, load_callback_configs
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    runner = CallbackRunner(load_callback_configs(CALLBACK_YAML), model=model, writer=MemoryWriter(),
+                            ema_root=tmp_path)
+    runner.before_training()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    lives = []
+    for _ in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        lives.append({k: v.clone() for k, v in model.state_dict().items()})
+        runner.after_update()
+    runner.after_training()
+    snaps = posthoc.list_snapshots(tmp_path)
+    assert [s.tag for s in snaps] == [posthoc.snapshot_tag(n) for n in (5, 10, 15, 20)]
+    for snap in snaps:
+        for sigma_rel in PAIR:  # each snapshot holds the float64 replay of the power-function EMA at its step
+            gamma = _gamma_by_roots(sigma_rel)
+            shadow = dict(init)
+            for t, live in enumerate(lives[: snap.step], start=1):
+                beta = (1 - 1 / t) ** (gamma + 1)
+                shadow = {k: beta * shadow[k] + (1 - beta) * live[k] for k in shadow}
+            saved = shardema.load_consolidated(tmp_path, sigma_rel, tag=snap.tag)
+            for k in shadow:
+                torch.testing.assert_close(saved[k], shadow[k], rtol=0, atol=1e-12)
+
+
+def test_ema_callback_snapshot_options_are_checked():
+    from shardema.callbacks import EmaCallbackConfig
+
+    with pytest.raises(ValueError, match="snapshot_every_n_updates=5 saves post-hoc snapshots .* sigma_rels"):
+        EmaCallbackConfig(target_factors=[0.999], snapshot_every_n_updates=5)
+    with pytest.raises(ValueError, match="snapshot_dtype='bfloat16' is for snapshots"):
+        EmaCallbackConfig(sigma_rels=[0.05], snapshot_dtype="bfloat16")
+    assert EmaCallbackConfig(sigma_rels=[0.05], snapshot_every_n_updates=2).target_factors == (0.05,)

@@ -11,7 +11,7 @@ configures, and fills it in otherwise.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -151,6 +151,12 @@ class EmaCallbackConfig(PeriodicCallbackConfig, EMAConfig):
     many epochs have completed); every update before it copies the live weights, and the EMA's
     clock (its step and sample count, hence the schedule) starts at that update."""
 
+    snapshot_every_n_updates: PositiveStrictInt | None = None
+    """Post-hoc EMA (needs ``sigma_rels``): save a snapshot ``cp=snapshot-<EMA step>`` of every
+    profile after every n-th EMA update (see docs/posthoc.md). ``None``: no snapshots."""
+    snapshot_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Store the snapshots in this dtype (``bfloat16`` halves them); ``None``: the shadows' dtype."""
+
     @field_validator("eval_callbacks", mode="before")
     @classmethod
     def _none_is_empty(cls, value):
@@ -174,6 +180,16 @@ class EmaCallbackConfig(PeriodicCallbackConfig, EMAConfig):
             raise field_error(type(self).__name__, ("start_epoch",),
                               f"start_epoch={self.start_epoch} and start_step={self.schedule.start_step} both say "
                               "when averaging begins; give one of them", self.start_epoch)
+        if self.snapshot_every_n_updates is not None and self.sigma_rels is None:
+            raise field_error(type(self).__name__, ("snapshot_every_n_updates",),
+                              f"snapshot_every_n_updates={self.snapshot_every_n_updates} saves post-hoc snapshots "
+                              "of power-function profiles, but the EMA tracks decays; set sigma_rels: [0.05, 0.10] "
+                              "instead of target_factors", self.snapshot_every_n_updates)
+        if self.snapshot_dtype is not None and self.snapshot_every_n_updates is None:
+            raise field_error(type(self).__name__, ("snapshot_dtype",),
+                              f"snapshot_dtype={self.snapshot_dtype!r} is for snapshots, but "
+                              "snapshot_every_n_updates is not set; set it or remove snapshot_dtype",
+                              self.snapshot_dtype)
         _no_callback_kind_nesting(type(self).__name__, self.eval_callbacks)
         return self
 

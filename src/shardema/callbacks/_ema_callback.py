@@ -50,6 +50,8 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
       newest ``keep_last_n_weights`` of them are kept), ``cp=latest`` when ``save_latest_weights``.
     - ``after_training``: ``cp=last`` when ``save_last_weights`` (independently of
       ``save_weights``).
+    - Post-hoc EMA (``sigma_rels``): ``cp=snapshot-<EMA step>`` after every
+      ``snapshot_every_n_updates``-th update, for :mod:`shardema.posthoc`.
     - ``eval_callbacks`` run once per target factor with that factor's EMA weights
       swapped in, only when one of them fires (see the note in this module); their
       metric keys are prefixed ``ema=<factor>/``.
@@ -73,7 +75,8 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
         self.keep_last_n_weights = cfg.keep_last_n_weights
         self.start_epoch = cfg.start_epoch
         self.root = self._resolve_root()
-        if self.root is None and (self.save_weights or self.save_latest_weights or self.save_last_weights):
+        saves = (self.save_weights, self.save_latest_weights, self.save_last_weights, cfg.snapshot_every_n_updates)
+        if self.root is None and any(saves):
             raise ValueError(f"{self.name}: saving is enabled but there is no checkpoint directory; set root in "
                              "the config or give the runner ema_root=... or run_dir=...")
         self.ema: ShardedEMA | None = None
@@ -266,7 +269,18 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
                     "runner effective_batch_size=... (or an UpdateCounter with it), pass num_samples to "
                     "runner.after_update(), or set samples_per_update in the config")
             ema.update(num_samples=samples)
+            every = self.config.snapshot_every_n_updates
+            if every is not None and ema.step % every == 0:
+                self._save_snapshot(ema)
         self._forward(Hook.TRACK_AFTER_UPDATE_STEP, update_counter, values)
+
+    def _save_snapshot(self, ema: ShardedEMA) -> None:
+        """Collective: a post-hoc snapshot ``cp=snapshot-<EMA step>`` (see docs/posthoc.md)."""
+        from ..posthoc import save_snapshot
+
+        assert self.root is not None  # checked in __init__
+        dtype = None if self.config.snapshot_dtype is None else getattr(torch, self.config.snapshot_dtype)
+        self.saved_tags.append(save_snapshot(ema, self.root, dtype=dtype))
 
     @torch.no_grad()
     def after_update(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
