@@ -207,8 +207,9 @@ def test_low_precision_snapshots_add_a_small_measured_error(tmp_path):
     assert {v.dtype for v in rec.values()} == {torch.float32}
     ref, a, b = _weights(tracked, model, 0.07), _weights(pair, model, 0.05), _weights(pair, model, 0.10)
     ratio = float((_flat(rec) - _flat(ref)).norm() / (_flat(a) - _flat(b)).norm())
-    assert ratio < 0.05, ratio  # bf16 rounding (8 bits) dominates; docs/posthoc.md reports the figure
-    assert ratio > 1e-4  # really stored in bf16: the fp32 figure for 16 snapshots is far below
+    # bf16 rounding (2**-8 of each weight) is of the order of the profiles' differences and sets a floor
+    # (0.043 here; float32 snapshots of this run give 0.0025): docs/posthoc.md reports the figures.
+    assert 0.01 < ratio < 0.1, ratio
 
 
 def test_cli_writes_the_file_explains_and_plots(trajectory, tmp_path, capsys):
