@@ -323,3 +323,22 @@ def test_ema_callback_snapshot_options_are_checked():
     with pytest.raises(ValueError, match="snapshot_dtype='bfloat16' is for snapshots"):
         EmaCallbackConfig(sigma_rels=[0.05], snapshot_dtype="bfloat16")
     assert EmaCallbackConfig(sigma_rels=[0.05], snapshot_every_n_updates=2).target_factors == (0.05,)
+
+
+def test_a_second_ema_callback_gets_its_own_root_under_the_run_dir(tmp_path):
+    from shardema.callbacks import CallbackRunner, EmaCallbackConfig, MemoryWriter
+
+    model = nn.Linear(3, 2)
+    configs = [EmaCallbackConfig(name="decays", target_factors=[0.9]),
+               EmaCallbackConfig(name="posthoc", sigma_rels=[0.05], root="{run_dir}/posthoc",
+                                 snapshot_every_n_updates=2)]
+    runner = CallbackRunner(configs, model=model, writer=MemoryWriter(), run_dir=tmp_path)
+    assert [cb.root for cb in runner] == [tmp_path / "ema", tmp_path / "posthoc"]
+    runner.before_training()
+    for _ in range(2):
+        runner.after_update()
+    runner.after_training()
+    assert sorted(p.name for p in (tmp_path / "posthoc" / "model").glob("cp=*")) == ["cp=last", "cp=snapshot-000000002"]
+    assert sorted(p.name for p in (tmp_path / "ema" / "model").glob("cp=*")) == ["cp=last"]
+    with pytest.raises(ValueError, match=r"names \{run_dir\}, but the runner has no run_dir"):
+        CallbackRunner([configs[1]], model=model, writer=MemoryWriter())

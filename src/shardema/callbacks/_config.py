@@ -139,7 +139,9 @@ class EmaCallbackConfig(PeriodicCallbackConfig, EMAConfig):
     eval_callbacks: list[SerializeAsAny[CallbackConfig]] = Field(default_factory=list)
     """Callbacks run with the EMA weights swapped in, each on its own schedule."""
     root: str | None = None
-    """Checkpoint directory; default: the runner's ``ema_root`` (``<run_dir>/ema``)."""
+    """Checkpoint directory; default: the runner's ``ema_root`` (``<run_dir>/ema``). ``{run_dir}``
+    in it is replaced by the runner's run directory (``"{run_dir}/posthoc"``: a second EMA
+    callback needs a root of its own)."""
     strict_resume: StrictBool = False
     """On resume, raise instead of warning when no committed checkpoint exists."""
     keep_last_n_weights: PositiveStrictInt | None = None

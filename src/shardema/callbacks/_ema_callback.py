@@ -96,6 +96,11 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
 
     def _resolve_root(self) -> Path | None:
         if self.config.root is not None:
+            if "{run_dir}" in self.config.root:  # e.g. "{run_dir}/posthoc": a second EMA beside the first
+                if self.context.run_dir is None:
+                    raise ValueError(f"{self.name}: root={self.config.root!r} names {{run_dir}}, but the runner has "
+                                     "no run_dir; give the runner run_dir=... or an absolute root")
+                return Path(self.config.root.replace("{run_dir}", str(self.context.run_dir)))
             return Path(self.config.root)
         if self.context.ema_root is not None:
             return Path(self.context.ema_root)
