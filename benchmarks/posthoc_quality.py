@@ -28,7 +28,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
-
 import shardema
 from shardema import posthoc
 
