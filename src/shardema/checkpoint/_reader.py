@@ -144,11 +144,12 @@ def _target_view(shadow: torch.Tensor, t, offset, shape) -> torch.Tensor:
     return view
 
 
-@torch.no_grad()
-def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
-    """Read this rank's slices of every tracked tensor and factor into the shadows."""
-    from safetensors import safe_open
+def plan_reads(ema, load: CheckpointLoad, candidate: Candidate) -> dict[Path, list]:
+    """Which file holds which part of this rank's shadows: ``{file: [(tracked, shadow, piece, overlap)]}``.
 
+    Cost: every tracked tensor against every file of its factor, O(tensors x world size of
+    the save) per rank (measured in benchmarks/scale_model.py, docs/scaling.md).
+    """
     reads: dict[Path, list] = {}
     for mp in ema.model_paths:
         version = candidate.versions[mp]
@@ -171,6 +172,15 @@ def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
                     reads.setdefault(version.directory / entry["path"], []).append((t, shadow, piece, overlap))
                 if covered != t.local_numel:
                     raise AssertionError(f"{t.fqn!r}: saved pieces cover {covered} of {t.local_numel} local elements")
+    return reads
+
+
+@torch.no_grad()
+def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
+    """Read this rank's slices of every tracked tensor and factor into the shadows."""
+    from safetensors import safe_open
+
+    reads = plan_reads(ema, load, candidate)
     for path in sorted(reads):
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
