@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 
-
-def require(module: str, extra: str) -> ModuleType:
-    """Import ``module`` or raise an ImportError that names the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(
-            f"shardema.integrations.{extra} needs the {module.split('.')[0]!r} package, which is not installed "
-            f"(import {module!r} failed: {exc}); install it with: pip install \"shardema[{extra}]\""
-        ) from exc
+def missing(module: str, extra: str, exc: ImportError) -> ImportError:
+    """The error raised when an integration's framework is not installed: it names the pip command."""
+    return ImportError(
+        f"shardema.integrations.{extra} needs the {module.split('.')[0]!r} package, which is not installed "
+        f"(import {module!r} failed: {exc}); install it with: pip install \"shardema[{extra}]\""
+    )
 
 
 def is_sharded(ema) -> bool:

@@ -29,9 +29,12 @@ from .._ema import ShardedEMA, build_config
 from .._log import logger
 from ..checkpoint import load_ema
 from ..config import EMAConfig
-from ._require import is_sharded, require
+from ._require import is_sharded, missing
 
-pl = require("lightning.pytorch", "lightning")
+try:
+    import lightning.pytorch as pl
+except ImportError as _exc:
+    raise missing("lightning.pytorch", "lightning", _exc) from _exc
 
 __all__ = ["ShardedEMACallback"]
 
