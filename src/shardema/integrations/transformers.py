@@ -48,7 +48,7 @@ class ShardedEMACallback(transformers.TrainerCallback):
     - ``on_train_begin`` builds the :class:`~shardema.ShardedEMA` over the (prepared, possibly
       FSDP2-sharded) model, and when the run resumes loads the EMA saved in the checkpoint
       folder (see the note in this module; a folder without one restarts the EMA from the
-      restored live weights, with a warning).
+      restored live weights, with a warning; a missing ``resume_from`` raises).
     - ``on_step_end`` (after each optimizer step, not each accumulation micro-batch) calls
       ``ema.update()``.
     - ``on_evaluate``: after the Trainer's evaluation of the live weights, evaluates again with
@@ -133,9 +133,14 @@ class ShardedEMACallback(transformers.TrainerCallback):
         if folder is None:
             return
         if not (folder / EMA_SUBDIR).is_dir():
-            raise FileNotFoundError(
-                f"resuming at step {state.global_step}, but {folder / EMA_SUBDIR} holds no EMA; pass the checkpoint "
-                "folder as ShardedEMACallback(resume_from=...), or remove the callback's resume_from to start fresh")
+            if self.resume_from is not None:
+                raise FileNotFoundError(f"ShardedEMACallback(resume_from={str(self.resume_from)!r}): "
+                                        f"{folder / EMA_SUBDIR} does not exist; give the checkpoint-<step> folder the "
+                                        "Trainer resumes from")
+            logger.warning("resuming at step %d, but %s holds no EMA (saved without ShardedEMACallback, or the run "
+                           "resumes from another folder: pass it as ShardedEMACallback(resume_from=...)); the EMA "
+                           "starts from the restored live weights", state.global_step, folder / EMA_SUBDIR)
+            return
         tag = self.ema.resume(folder / EMA_SUBDIR)
         if tag is None:
             logger.warning("no EMA checkpoint under %s; the EMA starts from the restored live weights",
