@@ -57,6 +57,13 @@ def _worker(tmp: str) -> dict:
     from shardema.integrations.lightning import ShardedEMACallback
 
     os.environ["PL_DISABLE_FORK"] = "1"
+    # bad arguments fail at construction, naming the value
+    with pytest.raises(ValueError, match=r"eval_factor=0\.5 is not one of the target factors \[0\.9\]"):
+        ShardedEMACallback(0.9, eval_factor=0.5)
+    with pytest.raises(ValueError, match=r"checkpoint='sideways' must be"):
+        ShardedEMACallback(0.9, checkpoint="sideways")
+    with pytest.raises(TypeError, match="needs target factors"):
+        ShardedEMACallback()
     ex = _example()
     root = Path(tmp)
     train, val = ex.datasets()

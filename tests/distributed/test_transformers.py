@@ -66,6 +66,10 @@ def _worker(tmp: str) -> dict:
 
     from shardema.integrations.transformers import ShardedEMACallback
 
+    with pytest.raises(ValueError, match=r"export_factor=0\.5 is not one of the target factors \[0\.9\]"):
+        ShardedEMACallback(0.9, export_factor=0.5)
+    with pytest.raises(TypeError, match="unknown option"):
+        ShardedEMACallback(0.9, decay_every=2)
     ex = _example()
     out: dict = {}
     run = Path(tmp) / "ddp"
