@@ -6,9 +6,9 @@ the EMA of its own shards, nothing is deep-copied. Needs ``transformers`` and ``
 
 [Note: how the transformers callback finds its checkpoint to resume]
 The Trainer does not hand the ``resume_from_checkpoint`` folder to callbacks. At
-``on_train_begin`` the callback looks, in order, at its own ``resume_from`` argument,
-``args.resume_from_checkpoint`` when it is a path, and ``<output_dir>/checkpoint-<global step>``
-when the Trainer restored a step above 0 (what ``resume_from_checkpoint=True`` picks). The
+``on_train_begin`` the callback looks, in order, at its own ``resume_from`` argument, and, when
+the Trainer restored a step above 0, at ``args.resume_from_checkpoint`` when it is a path, else
+``<output_dir>/checkpoint-<global step>`` (what ``resume_from_checkpoint=True`` picks). The
 EMA is saved in ``<checkpoint folder>/shardema`` (shardema's per-rank format, tag ``latest``).
 """
 
@@ -116,11 +116,11 @@ class ShardedEMACallback(transformers.TrainerCallback):
     def _resume_dir(self, args, state) -> Path | None:
         if self.resume_from is not None:
             return self.resume_from
+        if state.global_step == 0:  # the Trainer restored no state: a fresh run
+            return None
         if isinstance(args.resume_from_checkpoint, str | os.PathLike):
             return Path(args.resume_from_checkpoint)
-        if state.global_step > 0:
-            return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        return None
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
     @torch.no_grad()
     def on_train_begin(self, args, state, control, model=None, **kwargs):
