@@ -191,8 +191,22 @@ def check_no_extras() -> None:
         raise SmokeFailure("load_callback_configs parsed YAML text without pyyaml")
 
 
+def check_integrations_need_their_extras() -> None:
+    """Without the lightning / transformers extras, the integrations fail with the pip command."""
+    for extra in ("lightning", "transformers"):
+        try:
+            __import__(f"shardema.integrations.{extra}")
+        except ImportError as exc:
+            check(f'pip install "shardema[{extra}]"' in str(exc),
+                  f"shardema.integrations.{extra} names the extra when its framework is missing: {exc}")
+            print(f"  ok  shardema.integrations.{extra} asks for shardema[{extra}]", flush=True)
+        else:
+            raise SmokeFailure(f"shardema.integrations.{extra} imported in the install without extras")
+
+
 def smoke(work: Path) -> None:
     check_no_extras()
+    check_integrations_need_their_extras()
     root = str(work / "ema")
     expected_path = str(work / "expected.pt")
     run_ranks("update, swap, save, then a new model and EMA resume", save_and_resume, root, expected_path)

@@ -134,3 +134,36 @@ def test_save_resume_consolidate_and_object_collectives_without_numpy():
     proc = subprocess.run([sys.executable, "-c", _NO_NUMPY], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "numpy-free ok" in proc.stdout
+
+
+_NO_FRAMEWORKS = """
+import sys
+for name in ("lightning", "pytorch_lightning", "transformers", "accelerate"):
+    sys.modules[name] = None  # as if not installed
+import shardema, shardema.integrations, shardema.callbacks, shardema.checkpoint, shardema.cli
+for extra in ("lightning", "transformers"):
+    try:
+        __import__(f"shardema.integrations.{extra}")
+    except ImportError as exc:
+        assert f'pip install "shardema[{extra}]"' in str(exc), exc
+    else:
+        raise AssertionError(f"shardema.integrations.{extra} imported without its framework")
+print("frameworks-free ok")
+"""
+
+
+def test_the_library_imports_without_the_integration_frameworks():
+    """``import shardema`` never imports Lightning or transformers; an integration without its extra
+    raises an ImportError with the pip command."""
+    done = subprocess.run([sys.executable, "-c", _NO_FRAMEWORKS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "frameworks-free ok" in done.stdout
+
+
+def test_an_integration_without_accelerate_names_the_extra():
+    code = ('import sys; sys.modules["accelerate"] = None\n'
+            'try:\n    import shardema.integrations.transformers\n'
+            'except ImportError as exc:\n    print(exc)\n')
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "'accelerate'" in done.stdout and 'pip install "shardema[transformers]"' in done.stdout
