@@ -6,7 +6,8 @@
 CPU/gloo by default; CUDA/NCCL with bf16 mixed precision (fp32 EMA) when GPUs are present.
 The model and optimizer are checkpointed with torch.distributed.checkpoint, the EMA with
 shardema; a killed run restarted with the same command continues where it left off, with an
-identical EMA. At the end rank 0 writes ``summary.md`` and ``val_loss.png`` to the run folder.
+identical EMA, and a finished one says so. At the end rank 0 writes ``summary.md`` (what each
+line is, the table) and ``val_loss.png`` to the run folder.
 """
 
 from __future__ import annotations
