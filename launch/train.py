@@ -6,7 +6,8 @@
 CPU/gloo by default; CUDA/NCCL with bf16 mixed precision (fp32 EMA) when GPUs are present.
 The model and optimizer are checkpointed with torch.distributed.checkpoint, the EMA with
 shardema; a killed run restarted with the same command continues where it left off, with an
-identical EMA. At the end rank 0 writes ``summary.md`` and ``val_loss.png`` to the run folder.
+identical EMA, and a finished one says so. At the end rank 0 writes ``summary.md`` (what each
+line is, the table) and ``val_loss.png`` to the run folder.
 """
 
 from __future__ import annotations
@@ -18,16 +19,30 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runfolder import exit_if_finished, finished_message
+
+if __name__ == "__main__":
+    exit_if_finished(sys.argv[1:])  # before torch is imported: a finished run says so within a second
+
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import charlm
 from shardema import exit_with_launcher
 from shardema.callbacks import CallbackRunner
 from shardema.checkpoint import WriterLock
-from trainlib import CheckpointManager, TrainConfig, build_model, log_line, write_report
+from trainlib import (
+    CheckpointManager,
+    RunFolderError,
+    TrainConfig,
+    build_model,
+    ema_lines,
+    log_line,
+    run_worker,
+    write_report,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +73,11 @@ def dump_live(model: torch.nn.Module, directory: Path, update: int) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_yaml(args.config, run_dir=args.run_dir, updates=args.updates)
+    finished = finished_message(Path(config.run_dir), config.train.updates)
+    if finished is not None:  # say so at once, before the process group, corpus and model
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(finished, flush=True)
+        return
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -69,8 +89,16 @@ def main(argv=None) -> None:
                         datefmt="%H:%M:%S")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     torch.manual_seed(config.seed)
+    # Reruns give the same figures: batches are a function of (seed, update, rank), gloo sums in
+    # a fixed order, the launcher runs one thread per worker; CUDA kernels without a deterministic
+    # version only warn (cuBLAS needs the workspace setting, read at its first use).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
     train_data, val_data = charlm.load_corpus(config.data.corpus_bytes)
+    corpus = charlm.describe_corpus(train_data, val_data)
+    if rank == 0:
+        logging.getLogger("shardema.train").info("%s", corpus)
     model = build_model(config.model, device, mixed_precision=use_cuda)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas),
                                   weight_decay=config.optim.weight_decay)
@@ -113,7 +141,7 @@ def main(argv=None) -> None:
             step_seconds, ema_seconds = [], []
     runner.after_training()
     if rank == 0:
-        write_report(Path(config.run_dir))
+        write_report(Path(config.run_dir), ema_lines(runner), notes=(corpus,))
     dist.barrier()  # no rank tears the group down while another still uses it
     if run_lock is not None:
         run_lock.release()
@@ -132,9 +160,9 @@ def hold_run_folder(run_dir: Path, rank: int) -> WriterLock | None:
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         dist.destroy_process_group()
-        raise SystemExit(f"rank {rank}: cannot train into {run_dir}: {box[0]}")
+        raise RunFolderError(f"cannot train into {run_dir}: {box[0]}")
     return lock
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_worker(main))

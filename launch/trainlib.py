@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import signal
 import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -18,9 +24,35 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import charlm
-from shardema.callbacks import CallbackConfig, CallbackRunner, EmaCallback, load_callback_configs
+from runfolder import committed_updates
+from shardema.callbacks import CallbackConfig, CallbackRunner, EmaCallback, factor_prefix, load_callback_configs
 
 log = logging.getLogger("shardema.train")
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot take this job (held by another job, trained with another config):
+    :func:`run_worker` prints it as one line, no traceback."""
+
+
+def run_worker(main: Callable[[], None]) -> int:
+    """Run ``main`` in a torchrun worker; returns the exit status.
+
+    A Ctrl-C reaches torchrun's agent, which forwards SIGINT to every worker: with the default
+    action the workers end without a traceback each, and the launcher says what happened. A
+    :class:`RunFolderError` is printed once, by rank 0, and exits with status 2.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        main()
+    except RunFolderError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(5)  # rank 0 reports; the launcher stops this rank once rank 0 has exited
+        return 2
+    return 0
 
 
 class _Section(BaseModel):
@@ -118,13 +150,7 @@ class CheckpointManager:
         self.keep = keep
 
     def _committed(self) -> list[tuple[int, Path]]:
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in self.directory.glob("update_*"):
-            if (path / ".metadata").is_file() and (path / "trainer_state.json").is_file():
-                found.append((int(path.name.split("_")[1]), path))
-        return sorted(found)
+        return committed_updates(self.directory)
 
     def save(self, update: int, model, optimizer, runner: CallbackRunner) -> None:
         """Collective: write ``update_<update>``; prune older committed folders."""
@@ -157,7 +183,13 @@ class CheckpointManager:
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         saved = json.loads((path / "trainer_state.json").read_text())
-        runner.resume_from_checkpoint(saved["runner"])
+        try:
+            runner.resume_from_checkpoint(saved["runner"])
+        except ValueError as error:  # e.g. other target_factors than the run folder was trained with
+            run_dir = self.directory.parent
+            raise RunFolderError(
+                f"{run_dir} was trained with another callback config ({error}); train into a new run folder "
+                f"(--run-dir runs/NEW) or delete {run_dir} to start over") from None
         tag = runner.update_counter.iteration_tag
         for cb in _ema_callbacks(runner):
             if cb.ema is not None and cb.ema.step != update:
@@ -176,14 +208,46 @@ class CheckpointManager:
         return update
 
 
+class ReportLine(NamedTuple):
+    """What one line of the report is: a sentence for ``summary.md`` and a plot legend label."""
+
+    description: str
+    label: str
+
+
+def ema_lines(runner: CallbackRunner) -> dict[str, ReportLine]:
+    """Column name -> what that EMA line is: factor, schedule and the decay of its last update.
+
+    Further lines of the report (e.g. other averages of the same run) belong here too.
+    """
+    lines = {}
+    for cb in _ema_callbacks(runner):
+        if cb.ema is None or cb.ema.step == 0:
+            continue
+        ema, last = cb.ema, cb.ema.step - 1
+        per_update = ema.samples_seen / ema.step
+        for factor in cb.target_factors:
+            decay = ema.schedule.decay(factor, last, per_update, ema.samples_seen - per_update)
+            half_life = math.log(0.5) / math.log(decay) if 0 < decay < 1 else float("nan")
+            name = factor_prefix(factor).rstrip("/")
+            lines[name] = ReportLine(
+                f"EMA, target factor {factor!r}, `{ema.schedule.kind}` schedule: decay {decay:.4f} at the last "
+                f"update (half-life {half_life:.0f} updates)", f"{name} (decay {decay:.3f} at the end)")
+    return lines
+
+
 def log_line(update: int, total: int, loss: float, step_seconds: list, ema_seconds: list) -> None:
     """One progress line: update, loss, step time and callback (EMA update) time."""
     log.info("update %d/%d  loss %.4f  step %.1f ms  ema+callbacks %.2f ms (median)", update, total, loss,
              1e3 * statistics.median(step_seconds), 1e3 * statistics.median(ema_seconds))
 
 
-def write_report(run_dir: Path) -> None:
-    """``summary.md`` (table) and ``val_loss.png`` (live vs each EMA factor) from metrics.jsonl."""
+def write_report(run_dir: Path, lines: Mapping[str, ReportLine] | None = None, notes: tuple[str, ...] = ()) -> None:
+    """``summary.md`` and ``val_loss.png`` (live vs each EMA factor) from metrics.jsonl.
+
+    ``lines``: column name (``live``, ``ema=0.99``) -> what the line is, listed above the table;
+    ``notes``: further lines (e.g. the corpus) printed before them.
+    """
     rows: dict[int, dict[str, float]] = {}
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -195,17 +259,20 @@ def write_report(run_dir: Path) -> None:
             rows.setdefault(int(record["update"]), {})[key] = float(record["value"])
     columns = sorted({k for r in rows.values() for k in r}, key=lambda k: (k != "loss/val", k))
     header = "| update | " + " | ".join(_column_name(c) for c in columns) + " |"
-    lines = ["# Validation loss (nats per character): live vs EMA", "", header,
-             "|" + "---|" * (len(columns) + 1)]
+    described = {"live": ReportLine("the trained weights", "live"), **(lines or {})}
+    text = ["# Validation loss (nats per character): live vs EMA", "", *notes, *([""] if notes else []),
+            *(f"- {_column_name(c)}: {described[_column_name(c)].description}" for c in columns
+              if _column_name(c) in described), "", header, "|" + "---|" * (len(columns) + 1)]
     for update in sorted(rows):
         values = " | ".join(f"{rows[update][c]:.4f}" if c in rows[update] else "" for c in columns)
-        lines.append(f"| {update} | {values} |")
-    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        text.append(f"| {update} | {values} |")
+    (run_dir / "summary.md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
     try:
         import matplotlib
 
         matplotlib.use("Agg")
+        logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # "building the font cache" (once)
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not installed: no plot (pip install 'shardema[train]')")
@@ -213,7 +280,8 @@ def write_report(run_dir: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for column in columns:
         points = sorted((u, r[column]) for u, r in rows.items() if column in r)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=_column_name(column))
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                  label=described[name].label if (name := _column_name(column)) in described else name)
     axis.set_xlabel("update")
     axis.set_ylabel("validation loss (nats/char)")
     axis.set_title("Character GPT on the Python standard library: live vs EMA")
@@ -228,4 +296,5 @@ def _column_name(key: str) -> str:
     return "live" if key == "loss/val" else key.split("/")[0]
 
 
-__all__ = ["CallbackConfig", "CheckpointManager", "TrainConfig", "build_model", "log_line", "write_report"]
+__all__ = ["CallbackConfig", "CheckpointManager", "ReportLine", "RunFolderError", "TrainConfig", "build_model",
+           "ema_lines", "log_line", "run_worker", "write_report"]

@@ -7,6 +7,10 @@ the user gives none of the corresponding flags:
    ``--master-addr`` / ``--master_addr``), i.e. a single-node job.
 2. ``--nproc-per-node`` = the number of visible GPUs, or 2 on a machine without GPUs.
 
+``OMP_NUM_THREADS`` is set to 1 when unset (torchrun's own default, without its banner),
+and torchrun's agent logs are silenced unless ``LOGLEVEL`` is set: a failed or
+interrupted job raises :class:`LaunchError`, which the CLI prints as one line.
+
 [Note: workers die with their launcher]
 torchrun's agent runs inside ``shardema launch``; its workers are child processes. If
 the launcher is killed outright (SIGKILL, an OOM kill), nothing stops the workers: they
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import signal
 import sys
@@ -69,12 +74,57 @@ def torchrun_argv(argv: Sequence[str]) -> list[str]:
     return added + argv
 
 
+class LaunchError(RuntimeError):
+    """A job started by :func:`launch` failed or was interrupted; ``exit_code`` is what the
+    launcher should exit with (the worker's exit code, or 128 + the signal number)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_TORCHRUN_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
+
+
+def _quiet_torchrun_logs() -> None:
+    # torchrun's agent logs each worker's failure, the SIGTERMs it sends and a boxed summary;
+    # LaunchError says the same in one line. LOGLEVEL (torchrun's own variable) brings them back.
+    if "LOGLEVEL" in os.environ:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(_TORCHRUN_LOGGERS):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def launch(argv: Sequence[str]) -> None:
-    """Run ``torch.distributed.run`` with :func:`torchrun_argv` (raises on a failed job)."""
+    """Run ``torch.distributed.run`` with :func:`torchrun_argv`.
+
+    Raises :class:`LaunchError` when a worker fails or the launcher gets SIGINT / SIGTERM
+    (the workers have been stopped by then).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     os.environ[LAUNCHER_PID_VAR] = str(os.getpid())  # inherited by the workers
-    torchrun_main(torchrun_argv(argv))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets anyway, minus its banner
+    _quiet_torchrun_logs()
+    try:
+        torchrun_main(torchrun_argv(argv))
+    except SignalException as exc:
+        raise LaunchError(f"stopped by {exc.sigval.name}; the workers were stopped too",
+                          128 + int(exc.sigval)) from None
+    except KeyboardInterrupt:
+        raise LaunchError("stopped by SIGINT; the workers were stopped too", 128 + int(signal.SIGINT)) from None
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode < 0:
+            how = f"was killed by {failure.signal_name()}"
+            code = 128 - failure.exitcode
+        else:
+            how = f"exited with code {failure.exitcode}"
+            code = failure.exitcode or 1
+        raise LaunchError(f"{exc.name} failed: rank {rank} {how} (its output, if any, is above)", code) from None
 
 
 def exit_with_launcher() -> bool:

@@ -67,7 +67,11 @@ def _run_inspect(args) -> int:
         print(json.dumps([i.as_dict() for i in infos], indent=1))
         return 0
     if not infos:
-        print(f"no EMA checkpoints under {args.root}")
+        from .checkpoint._inspect import roots_below
+
+        below = roots_below(args.root)  # e.g. a run folder given for its ema/ folder
+        hint = f"; they are under {', '.join(map(str, below))}: shardema inspect {below[0]}" if below else ""
+        print(f"no EMA checkpoints under {args.root}{hint}")
         return 0
     header = ("model path", "tag", "state", "step", "factors", "world", "files", "size", "saved")
     rows = [header]
@@ -98,10 +102,42 @@ def _add_launch(subparsers) -> None:
     p.set_defaults(handler=_run_launch)
 
 
-def _run_launch(args) -> int:
-    from ._launch import launch
+def launch_help() -> str:
+    """``shardema launch --help``: what it adds to torchrun, with this machine's defaults."""
+    import torch
 
-    launch(args.torchrun_args)
+    from ._launch import default_nproc_per_node
+
+    nproc = f"--nproc-per-node={default_nproc_per_node()}".ljust(25)
+    where = "the GPUs visible here" if torch.cuda.is_available() else "2 on a machine without GPUs, like this one"
+    return f"""usage: shardema launch [TORCHRUN FLAGS] SCRIPT [SCRIPT ARGS]
+
+Run SCRIPT on several processes with torchrun (torch.distributed.run). Every torchrun flag works
+here; shardema adds these defaults when you give none of the corresponding flags:
+
+  --standalone              single node, local rendezvous (unless --nnodes, --rdzv-*,
+                            --master-addr, --master-port or --node-rank is given)
+  {nproc} {where}
+  OMP_NUM_THREADS=1         for each worker, unless set in the environment
+
+A failed or interrupted job ends with one line (LOGLEVEL=INFO shows torchrun's own logs), and
+workers that call shardema.exit_with_launcher() stop when the launcher is killed.
+
+example: shardema launch launch/train.py --config launch/configs/charlm.yaml
+torchrun's flags: torchrun --help"""
+
+
+def _run_launch(args) -> int:
+    from ._launch import LaunchError, _launcher_part, launch
+
+    if not args.torchrun_args or {"-h", "--help"} & set(_launcher_part(args.torchrun_args)):
+        print(launch_help())  # a --help after SCRIPT is the script's
+        return 0
+    try:
+        launch(args.torchrun_args)
+    except LaunchError as exc:
+        print(f"shardema launch: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

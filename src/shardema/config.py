@@ -12,7 +12,8 @@ Nothing here holds torch state; torch is imported only to name dtypes.
 ``n`` in the schedules is the number of ``update()`` calls made since averaging
 began, i.e. ``ema.step - start_step`` at the time of the call (0 for the first
 averaged call). Calls before ``start_step`` copy the live weights into the
-shadows; after it an update is applied on every ``update_every``-th call.
+shadows; after it an update is applied on every ``update_every``-th call (the calls in between
+still refresh the copied buffers).
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class DecaySchedule(BaseModel):
     power: float = Field(2 / 3, gt=0)
     """``power`` schedule: the exponent (2/3 for ~1M steps, 3/4 for shorter runs)."""
     update_every: PositiveInt = 1
-    """Average on every k-th ``update()`` call only (the calls in between change nothing)."""
+    """Average on every k-th ``update()`` call only. The calls in between leave the averaged shadows
+    alone; copied tensors (buffers under ``"copy"``, integer buffers) still take the live values."""
     start_step: NonNegativeInt = 0
     """Calls before this step copy the live weights instead of averaging."""
     min_decay: float = Field(0.0, ge=0.0, lt=1.0)

@@ -1,5 +1,6 @@
 """The example trainer end to end: torchrun on CPU/gloo, two simulated nodes, kill and resume."""
 
+import math
 import os
 import shutil
 import signal
@@ -106,8 +107,13 @@ def test_a_two_rank_run_commits_ema_checkpoints_and_metrics(reference_run):
         assert {("loss/val", update), ("ema=0.9/loss/val", update), ("ema=0.99/loss/val", update)} <= keys
     values = {(r["key"], r["update"]): r["value"] for r in records}
     assert values[("ema=0.99/loss/val", 24)] != values[("loss/val", 24)]  # the EMA weights were evaluated
-    assert "| update | live | ema=0.9 | ema=0.99 |" in (run_dir / "summary.md").read_text()
+    summary = (run_dir / "summary.md").read_text()
+    assert "| update | live | ema=0.9 | ema=0.99 |" in summary
+    for f in FACTORS:  # tiny.yaml: the constant schedule, so the last decay is the factor itself
+        assert (f"- ema={f}: EMA, target factor {f}, `constant` schedule: decay {f:.4f} at the last update "
+                f"(half-life {math.log(0.5) / math.log(f):.0f} updates)") in summary
     assert "update 24/24" in output
+    assert "returned a view tensor" not in output  # FSDP2's warning about the model's output
     committed_models = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / ".metadata").exists())
     assert committed_models == ["update_00000016", "update_00000024"]  # the newest two are kept
 
@@ -136,7 +142,10 @@ def test_kill_and_resume_gives_the_same_final_ema(reference_run, tmp_path):
     reference_dir, _ = reference_run
     flags = ["--standalone", "--nproc-per-node=2", "launch/train.py", "--config", str(TINY),
              "--run-dir", str(tmp_path)]
-    proc = subprocess.Popen(_torchrun(*flags), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    # torchrun starts its workers in sessions of their own: a SIGKILL of torchrun's group would leave
+    # them training (and finishing the run). Under `shardema launch` they die with the launcher.
+    launcher = [sys.executable, "-m", "shardema.cli", "launch"]
+    proc = subprocess.Popen([*launcher, *flags], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     marker = tmp_path / "checkpoints" / "update_00000008" / ".metadata"
     deadline = time.monotonic() + TIMEOUT
@@ -145,9 +154,11 @@ def test_kill_and_resume_gives_the_same_final_ema(reference_run, tmp_path):
             time.sleep(0.05)
         assert marker.exists(), "the first checkpoint never appeared"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, wherever they are
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher; its workers get SIGTERM from the kernel
         proc.wait(timeout=30)
+    time.sleep(2)  # let the workers' SIGTERM land before looking
     assert not (tmp_path / "ema" / "model" / "cp=last").exists()  # it really was interrupted
+    assert not (tmp_path / "summary.md").exists()
     output = _train(tmp_path)
     assert "resumed from" in output
     _assert_same_ema(_final_ema(tmp_path), _final_ema(reference_dir))
@@ -162,6 +173,82 @@ def test_resume_when_the_ema_checkpoint_is_ahead_of_the_model(reference_run, tmp
     output = _train(tmp_path)
     assert "EMA cp=latest is at step 16, the model at update 8; loading cp=E0_U8_S128" in output
     _assert_same_ema(_final_ema(tmp_path), _final_ema(reference_dir))
+
+
+def _launch(run_dir: Path, *extra: str, config: Path = TINY) -> subprocess.CompletedProcess:
+    """`shardema launch` of the tiny job, as a user types it; output merged, failures returned."""
+    cmd = [sys.executable, "-m", "shardema.cli", "launch", "launch/train.py", "--config", str(config),
+           "--run-dir", str(run_dir), *extra]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=TIMEOUT)
+
+
+def test_rerunning_a_finished_run_says_so_and_trains_nothing(reference_run):
+    run_dir, _ = reference_run
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    result = _launch(run_dir)
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    assert lines[0].startswith(f"{run_dir} is finished (24/24 updates): results in {run_dir / 'summary.md'}")
+    assert f"EMA checkpoints in {run_dir / 'ema'}" in lines[0] and "--run-dir" in lines[0]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_another_config_in_the_same_run_folder_is_one_line_with_a_hint(reference_run, tmp_path):
+    reference_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_dir, run_dir, ignore=shutil.ignore_patterns("live"))
+    config = yaml.safe_load(TINY.read_text())
+    config["callbacks"][1]["target_factors"] = [0.9, 0.95]
+    config["train"]["updates"] = 32
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = _launch(run_dir, config=changed)
+    assert result.returncode == 2, result.stdout
+    lines = result.stdout.splitlines()
+    assert not any("Traceback" in line or line.startswith("[rank") for line in lines), result.stdout
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stdout
+    assert f"{run_dir} was trained with another callback config" in errors[0]
+    assert "['0.9', '0.99']" in errors[0] and "['0.9', '0.95']" in errors[0]
+    assert "--run-dir" in errors[0] and f"delete {run_dir}" in errors[0]
+    assert lines[-1] == ("shardema launch: launch/train.py failed: rank 0 exited with code 2 "
+                         "(its output, if any, is above)")
+
+
+def test_ctrl_c_stops_the_trainer_with_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "shardema.cli", "launch", "launch/train.py", "--config", str(TINY),
+           "--run-dir", str(tmp_path)]
+    # A terminal's Ctrl-C reaches the launcher only: torchrun starts its workers in their own sessions.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "loss/val" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT
+    lines = rest.splitlines()
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line or line.startswith("[rank") for line in lines)
+    assert lines[-1] == "shardema launch: stopped by SIGINT; the workers were stopped too", rest
+
+
+def test_single_node_script_needs_no_activated_venv(tmp_path):
+    script = str(REPO / "launch" / "single_node.sh")
+    env = dict(_env(), PATH="/usr/bin:/bin", PYTHON=sys.executable)  # no venv on PATH, no torchrun
+    result = subprocess.run(["bash", script, str(TINY), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "usage: train.py" in result.stdout
+    env["PYTHON"] = str(tmp_path / "no-python")
+    result = subprocess.run(["bash", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot import torch and shardema" in result.stderr and "set PYTHON=/path/to/python" in result.stderr
 
 
 def test_every_launch_config_validates():

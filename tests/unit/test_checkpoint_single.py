@@ -515,6 +515,36 @@ def test_cli_consolidate_and_inspect(tmp_path, capsys):
     assert "no committed EMA checkpoint" in capsys.readouterr().err
 
 
+def test_iteration_tags_are_listed_by_their_numbers(tmp_path, capsys):
+    from shardema.checkpoint import list_checkpoints
+
+    _model, ema = make()
+    for tag in ("E0_U1000_S16000", "latest", "E0_U100_S1600", "E0_U20_S320", "E1_U200_S3200"):
+        ema.save(tmp_path, tag)
+    expected = ["E0_U20_S320", "E0_U100_S1600", "E0_U1000_S16000", "E1_U200_S3200", "latest"]
+    assert [i.tag for i in list_checkpoints(tmp_path)] == expected
+    assert cli_main(["inspect", str(tmp_path)]) == 0
+    rows = [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:6]]
+    assert rows == expected
+
+
+def test_inspect_of_a_run_folder_points_to_its_ema_folder(tmp_path, capsys):
+    _model, ema = make()
+    run = tmp_path / "runs" / "exp"
+    ema.save(run / "ema", "latest")
+    (run / "checkpoints" / "update_00000001").mkdir(parents=True)  # the trainer's own checkpoints
+    assert cli_main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    ema_dir = run / "ema"
+    assert out.strip() == f"no EMA checkpoints under {run}; they are under {ema_dir}: shardema inspect {ema_dir}"
+    assert cli_main(["inspect", str(tmp_path / "runs")]) == 0
+    assert f"shardema inspect {run / 'ema'}" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["inspect", str(empty)]) == 0
+    assert capsys.readouterr().out.strip() == f"no EMA checkpoints under {empty}"
+
+
 def test_cli_runs_as_a_module(tmp_path):
     _model, ema = make()
     ema.save(tmp_path)

@@ -440,3 +440,23 @@ def test_a_replaced_parameter_of_the_same_shape_is_followed():
     model.weight = nn.Parameter(torch.full((2, 2), 4.0))  # a new object: the cached plan is rebuilt
     ema.update()
     torch.testing.assert_close(ema.shadow(0.5, (None, "weight")), 0.5 * initial + 0.5 * 4.0)
+
+
+def test_a_skipped_call_leaves_the_shadows_and_refreshes_the_copied_buffers():
+    """update_every=2: the call in between keeps every averaged shadow as it was, while
+    copied tensors (float buffers under "copy", integer buffers) take the live values."""
+    torch.manual_seed(0)
+    model = TwoTower()
+    ema = ShardedEMA(model, [0.9], buffers="copy", update_every=2)
+    generator = torch.Generator().manual_seed(3)
+    _perturb(model, generator)
+    ema.update()  # call 0 fires
+    averaged = {name: ema.shadow(0.9, (None, name)).clone() for name, _ in model.named_parameters()}
+    _perturb(model, generator)
+    ema.update()  # call 1 skips
+    for name, before in averaged.items():
+        assert torch.equal(ema.shadow(0.9, (None, name)), before), name
+    live = dict(model.named_buffers())
+    for name in ("encoder.1.running_mean", "encoder.1.running_var", "encoder.1.num_batches_tracked", "calls"):
+        assert torch.equal(ema.shadow(0.9, (None, name)), live[name]), name
+    assert int(live["calls"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,8 +51,14 @@ class CheckpointInfo:
         return asdict(self)
 
 
+def _natural_key(name: str) -> tuple:
+    # Numbers compare as numbers: cp=E0_U100_S3200 before cp=E0_U1000_S32000.
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
+
+
 def list_checkpoints(root, verify: bool = False) -> list[CheckpointInfo]:
-    """Every ``<model path>/cp=<tag>`` directory under ``root``, sorted by model path and tag.
+    """Every ``<model path>/cp=<tag>`` directory under ``root``, sorted by model path and tag
+    (numbers in tags by value: ``E0_U100_S3200`` before ``E0_U1000_S32000``).
 
     ``verify=True`` also checks each file of committed versions (size, CRC-32,
     header); a failure is reported in ``problem`` and the state becomes ``corrupt``.
@@ -64,7 +71,7 @@ def list_checkpoints(root, verify: bool = False) -> list[CheckpointInfo]:
         raise FileNotFoundError(f"checkpoint root {root} does not exist")
     infos: list[CheckpointInfo] = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for cp_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
+        for cp_dir in sorted((p for p in label_dir.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
             parsed = parse_cp_dirname(cp_dir.name)
             if parsed is None:
                 continue
@@ -100,3 +107,17 @@ def list_checkpoints(root, verify: bool = False) -> list[CheckpointInfo]:
                         info.state, info.problem = "corrupt", problem
                         break
     return infos
+
+
+def roots_below(directory, depth: int = 2) -> list[Path]:
+    """Folders under ``directory`` (up to ``depth`` levels down) that hold EMA checkpoints, e.g. the
+    ``ema`` folder of a run folder: what to suggest when ``directory`` itself holds none."""
+    directory = Path(directory)
+    found: list[Path] = []
+    if depth <= 0 or not directory.is_dir():
+        return found
+    for child in sorted(p for p in directory.iterdir() if p.is_dir()):
+        holds = any(parse_cp_dirname(cp.name) is not None for label in child.iterdir() if label.is_dir()
+                    for cp in label.iterdir())
+        found.extend([child] if holds else roots_below(child, depth - 1))
+    return found
