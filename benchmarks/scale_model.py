@@ -34,7 +34,6 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
-
 from shardema.checkpoint._manifest import Candidate, Version, validate_manifest
 from shardema.checkpoint._reader import plan_reads
 from shardema.checkpoint._table import union_tables

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shardema import posthoc
+from shardema import posthoc, reshard_fsdp
 
 log = logging.getLogger("shardema.launch")
 
@@ -24,11 +24,18 @@ SWEEP = (0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.085, 0.10, 0.12, 0.15, 0.20, 0.25
 """sigma_rel values evaluated: around EDM2's tracked pair 0.05 / 0.10, from short to long averages."""
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 @torch.no_grad()
 def _load_full(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy full tensors into the model's parameters (each rank keeps its own shards)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    reshard_fsdp(model)  # an evaluation leaves the root's parameters unsharded
     for name, p in model.named_parameters():
         full = state[name].to(p.dtype)
         if isinstance(p, DTensor):
@@ -42,7 +49,8 @@ def _load_full(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 def sweep(model: torch.nn.Module, snapshot_root: Path, evaluate: Callable[[], float],
           sigma_rels=SWEEP) -> list[tuple[float, float]]:
     """Collective: ``(sigma_rel, validation loss)`` for every sigma_rel, the live weights restored after."""
-    backup = [p.detach().clone() for p in model.parameters()]
+    reshard_fsdp(model)
+    backup = [_local(p).detach().clone() for p in model.parameters()]
     results = []
     try:
         for sigma_rel in sigma_rels:
@@ -51,8 +59,9 @@ def sweep(model: torch.nn.Module, snapshot_root: Path, evaluate: Callable[[], fl
             if dist.get_rank() == 0:
                 log.info("post-hoc EMA sigma_rel %.3f: validation loss %.4f", sigma_rel, results[-1][1])
     finally:
+        reshard_fsdp(model)
         for p, saved in zip(model.parameters(), backup):
-            p.detach().copy_(saved)
+            _local(p).detach().copy_(saved)
     return results
 
 
@@ -65,7 +74,8 @@ def write_sweep_report(run_dir: Path, results: list[tuple[float, float]], tracke
              f"`{run_dir.name}/posthoc`; every other value is a reconstruction (docs/posthoc.md).", "",
              "| sigma_rel | gamma | validation loss | |", "|---|---|---|---|"]
     for sigma_rel, loss in results:
-        mark = "best" if (sigma_rel, loss) == best else ("tracked" if sigma_rel in tracked else "")
+        mark = ", ".join(word for word, yes in (("best", (sigma_rel, loss) == best), ("tracked", sigma_rel in tracked))
+                         if yes)
         lines.append(f"| {sigma_rel:g} | {posthoc.gamma_of_sigma_rel(sigma_rel):.2f} | {loss:.4f} | {mark} |")
     if live_loss is not None:
         lines.append(f"\nLive weights at the end: {live_loss:.4f}.")

@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 import charlm
+import posthoc_sweep
 from shardema import exit_with_launcher
-from shardema.callbacks import CallbackRunner
+from shardema.callbacks import CallbackRunner, OfflineLossCallback
 from shardema.checkpoint import WriterLock
 from trainlib import (
     CheckpointManager,
@@ -40,6 +41,7 @@ from trainlib import (
     build_model,
     ema_lines,
     log_line,
+    posthoc_callback,
     run_worker,
     write_report,
 )
@@ -142,6 +144,14 @@ def main(argv=None) -> None:
     runner.after_training()
     if rank == 0:
         write_report(Path(config.run_dir), ema_lines(runner), notes=(corpus,))
+    snapshots = posthoc_callback(runner)
+    live_loss = next((cb for cb in runner if isinstance(cb, OfflineLossCallback)), None)  # top level: live
+    if snapshots is not None and snapshots.root is not None and live_loss is not None:
+        # Post-hoc EMA: validation loss against sigma_rel, reconstructed from the snapshots (collective).
+        results = posthoc_sweep.sweep(model, snapshots.root, live_loss.evaluate)
+        if rank == 0:
+            posthoc_sweep.write_sweep_report(Path(config.run_dir), results, snapshots.config.sigma_rels or (),
+                                             live_loss.last_loss)
     dist.barrier()  # no rank tears the group down while another still uses it
     if run_lock is not None:
         run_lock.release()

@@ -126,6 +126,11 @@ def build_model(config: ModelConfig, device: torch.device, *, mixed_precision: b
     return model
 
 
+def posthoc_callback(runner: CallbackRunner) -> EmaCallback | None:
+    """The EMA callback that snapshots power-function profiles (``sigma_rels``), if the config has one."""
+    return next((cb for cb in _ema_callbacks(runner) if cb.config.snapshot_every_n_updates), None)
+
+
 def _ema_callbacks(runner: CallbackRunner) -> list[EmaCallback]:
     return [cb for cb in runner.all_callbacks() if isinstance(cb, EmaCallback)]
 
@@ -222,8 +227,8 @@ def ema_lines(runner: CallbackRunner) -> dict[str, ReportLine]:
     """
     lines = {}
     for cb in _ema_callbacks(runner):
-        if cb.ema is None or cb.ema.step == 0:
-            continue
+        if cb.ema is None or cb.ema.step == 0 or cb.config.sigma_rels is not None:
+            continue  # post-hoc profiles have no metric lines: the sweep reports them (posthoc_sweep.py)
         ema, last = cb.ema, cb.ema.step - 1
         per_update = ema.samples_seen / ema.step
         for factor in cb.target_factors:
@@ -297,4 +302,4 @@ def _column_name(key: str) -> str:
 
 
 __all__ = ["CallbackConfig", "CheckpointManager", "ReportLine", "RunFolderError", "TrainConfig", "build_model",
-           "ema_lines", "log_line", "run_worker", "write_report"]
+           "ema_lines", "log_line", "posthoc_callback", "run_worker", "write_report"]

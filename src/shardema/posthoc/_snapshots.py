@@ -125,5 +125,5 @@ def list_snapshots(root, model_path: str | None = None) -> list[Snapshot]:
                 diff = sorted(set(mine) ^ set(theirs)) or sorted(k for k in mine if mine[k] != theirs[k])
                 raise ValueError(f"snapshot {snap.directory} describes other tensors than {first.directory} "
                                  f"(first difference: {diff[0]!r}); snapshots of different models are mixed")
-    logger.info("found %d post-hoc snapshot(s) under %s", len(snapshots), label_dir)
+    logger.debug("found %d post-hoc snapshot(s) under %s", len(snapshots), label_dir)
     return snapshots
