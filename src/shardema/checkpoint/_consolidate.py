@@ -10,7 +10,6 @@ tensor). :func:`consolidate_to_file` writes each tensor as soon as it is assembl
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from .._log import logger
 from .._shards import path_label
 from ._format import (
     FORMAT_VERSION,
-    TEMP_SUFFIX,
     box_overlap,
     cp_dirname,
     factor_name,
@@ -29,7 +27,7 @@ from ._format import (
     tensor_crc32,
     validate_tag,
 )
-from ._io import SafetensorsStreamWriter, fsync_dir
+from ._io import write_safetensors_atomic
 from ._manifest import Version, find_candidates, saved_factor, tensor_dtype, versions_of
 
 _MAX_OPEN_FILES = 64
@@ -195,26 +193,15 @@ def consolidate_to_file(root, factor: float, out, model_path: str | None = None,
                     "step": str(m["step"]), "save_id": m["save_id"], "schedule": json.dumps(m["schedule"])}
         if out.parent and not out.parent.exists():
             out.parent.mkdir(parents=True)
-        temp = out.with_name(out.name + TEMP_SUFFIX)
-        writer = SafetensorsStreamWriter(temp, reader.entries, metadata)
         shapes = {fqn: (dtype, shape) for fqn, dtype, shape in reader.entries}
-        try:
-            with _progress(reader.total_bytes, progress, f"consolidate ema={factor_name(reader.factor)}") as bar:
-                for fqn in writer.order:
-                    writer.write(fqn, reader.read(fqn))
-                    dtype, shape = shapes[fqn]
-                    bar.update(numel(shape) * dtype.itemsize)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            temp.unlink(missing_ok=True)
-            raise
-    try:
-        os.replace(temp, out)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
+        with _progress(reader.total_bytes, progress, f"consolidate ema={factor_name(reader.factor)}") as bar:
+
+            def tensor_of(fqn: str) -> torch.Tensor:
+                dtype, shape = shapes[fqn]
+                bar.update(numel(shape) * dtype.itemsize)
+                return reader.read(fqn)
+
+            write_safetensors_atomic(out, reader.entries, metadata, tensor_of)
     logger.info("wrote %d tensors (%d bytes) of ema=%s step %d to %s", len(reader.entries), reader.total_bytes,
                 factor_name(reader.factor), m["step"], out)
     return out

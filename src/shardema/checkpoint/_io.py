@@ -16,12 +16,12 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from ._format import crc32_hex, numel, st_dtype, tensor_bytes
+from ._format import TEMP_SUFFIX, crc32_hex, numel, st_dtype, tensor_bytes
 
 _READ_CHUNK = 16 * 2**20
 
@@ -153,3 +153,25 @@ class SafetensorsStreamWriter:
         """Close the file without checks (the caller removes it)."""
         if not self._file.closed:
             self._file.close()
+
+
+def write_safetensors_atomic(final: Path, entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                             metadata: dict[str, str], tensor_of: Callable[[str], torch.Tensor]) -> tuple[int, str]:
+    """Write one safetensors file, one tensor at a time: temporary name, fsync, rename, fsync the directory.
+
+    ``tensor_of(name)`` gives each tensor when its turn comes (in the file's order), so only
+    one is needed at a time. Nothing is left behind on failure. Returns ``(size, crc32)``.
+    """
+    temp = final.with_name(final.name + TEMP_SUFFIX)
+    writer = SafetensorsStreamWriter(temp, entries, metadata)
+    try:
+        for name in writer.order:
+            writer.write(name, tensor_of(name))
+        result = writer.close()
+        os.replace(temp, final)
+    except BaseException:
+        writer.abort()
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+    return result

@@ -49,7 +49,6 @@ from ._format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     STAGING_MARK,
-    TEMP_SUFFIX,
     cp_dirname,
     dtype_name,
     ema_dirname,
@@ -61,7 +60,7 @@ from ._format import (
     tensor_crc32,
     validate_tag,
 )
-from ._io import SafetensorsStreamWriter, fsync_dir, make_dirs, write_bytes_atomic
+from ._io import fsync_dir, make_dirs, write_bytes_atomic, write_safetensors_atomic
 from ._lock import WriterLock
 from ._manifest import find_candidates, validate_manifest
 from ._table import local_table, mesh_shape, stored_dtype, union_tables
@@ -197,18 +196,8 @@ def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, wo
     directory = staging / ema_dirname(factor)
     make_dirs(directory)
     final = directory / rank_filename(rank, world)
-    temp = final.with_name(final.name + TEMP_SUFFIX)
-    writer = SafetensorsStreamWriter(temp, [(t.fqn, shadows[t.fqn].dtype, t.local_shape) for t in writers], metadata)
-    try:
-        for name in writer.order:
-            writer.write(name, shadows[name])
-        size, crc = writer.close()
-    except BaseException:
-        writer.abort()
-        temp.unlink(missing_ok=True)
-        raise
-    os.replace(temp, final)
-    fsync_dir(directory)
+    size, crc = write_safetensors_atomic(final, [(t.fqn, shadows[t.fqn].dtype, t.local_shape) for t in writers],
+                                         metadata, shadows.__getitem__)
     return {"model_path": mp, "path": f"{ema_dirname(factor)}/{final.name}", "factor": float(factor),
             "rank": rank, "size": size, "crc32": crc,
             "pieces": {fqn: {"offset": p["offset"], "shape": p["shape"], "crc32": p["crc32"]}

@@ -21,3 +21,15 @@ def rank_of(ema) -> int:
     from .._dist import rank
 
     return rank(ema.process_group)
+
+
+def pick_factor(config, factor: float | None, option: str) -> float:
+    """The factor a trainer callback uses for ``option`` (default: the first target factor), checked."""
+    from ..config import factors_match
+
+    if factor is None:
+        return config.target_factors[0]
+    for f in config.target_factors:
+        if factors_match(f, factor):
+            return f
+    raise ValueError(f"{option}={factor!r} is not one of the target factors {list(config.target_factors)}")

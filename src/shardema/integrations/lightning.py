@@ -29,7 +29,7 @@ from .._ema import ShardedEMA, build_config
 from .._log import logger
 from ..checkpoint import load_ema
 from ..config import EMAConfig
-from ._require import is_sharded, missing
+from ._require import is_sharded, missing, pick_factor
 
 try:
     import lightning.pytorch as pl
@@ -83,10 +83,7 @@ class ShardedEMACallback(pl.Callback):
                  checkpoint: Literal["auto", "inline", "beside"] = "auto", ema_root: str | Path | None = None,
                  process_group=None, **options: Any):
         self.config: EMAConfig = build_config(config, options)  # errors now, not at fit start
-        self.eval_factor = self.config.target_factors[0] if eval_factor is None else float(eval_factor)
-        if not any(f == self.eval_factor for f in self.config.target_factors):
-            raise ValueError(f"eval_factor={eval_factor!r} is not one of the target factors "
-                             f"{list(self.config.target_factors)}")
+        self.eval_factor = pick_factor(self.config, eval_factor, "eval_factor")
         if checkpoint not in ("auto", "inline", "beside"):
             raise ValueError(f"checkpoint={checkpoint!r} must be 'auto', 'inline' or 'beside'")
         self.leave_ema_in_model = leave_ema_in_model

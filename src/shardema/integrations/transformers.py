@@ -27,7 +27,7 @@ from .._ema import ShardedEMA, build_config
 from .._log import logger
 from ..callbacks import factor_prefix
 from ..config import EMAConfig
-from ._require import missing
+from ._require import missing, pick_factor
 
 try:
     import accelerate  # noqa: F401  (the Trainer needs it; fail here, with the pip command)
@@ -85,10 +85,7 @@ class ShardedEMACallback(transformers.TrainerCallback):
                  export_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
                  process_group=None, **options: Any):
         self.config: EMAConfig = build_config(config, options)  # errors now, not at train start
-        self.export_factor = self.config.target_factors[0] if export_factor is None else float(export_factor)
-        if not any(f == self.export_factor for f in self.config.target_factors):
-            raise ValueError(f"export_factor={export_factor!r} is not one of the target factors "
-                             f"{list(self.config.target_factors)}")
+        self.export_factor = pick_factor(self.config, export_factor, "export_factor")
         self.evaluate = evaluate
         self.export = export
         self.export_dir = None if export_dir is None else Path(export_dir)

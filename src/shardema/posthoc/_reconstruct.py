@@ -28,7 +28,6 @@ from ..checkpoint._consolidate import ConsolidatedReader, _progress
 from ..checkpoint._format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
-    TEMP_SUFFIX,
     cp_dirname,
     dtype_name,
     ema_dirname,
@@ -40,7 +39,7 @@ from ..checkpoint._format import (
     tensor_crc32,
     validate_tag,
 )
-from ..checkpoint._io import SafetensorsStreamWriter, fsync_dir, make_dirs, write_bytes_atomic
+from ..checkpoint._io import fsync_dir, make_dirs, write_bytes_atomic, write_safetensors_atomic
 from ..checkpoint._lock import WriterLock
 from ..checkpoint._manifest import saved_factor, tensor_dtype, validate_manifest
 from ..checkpoint._writer import _remove_dir
@@ -239,21 +238,14 @@ def reconstruct_to_file(root, sigma_rel: float, out, step: int | None = None, mo
     with _combiner(plan, dtype) as combiner:
         entries = [(name, combiner.out_dtype(name), shape) for name, _, shape in combiner.newest.entries]
         make_dirs(out.parent)
-        temp = out.with_name(out.name + TEMP_SUFFIX)
-        writer = SafetensorsStreamWriter(temp, entries, _metadata(plan))
-        try:
-            with _progress(_bytes_of(combiner), progress, f"posthoc sigma_rel={sigma_rel:g}") as bar:
-                for name in writer.order:
-                    tensor = combiner.tensor(name)
-                    writer.write(name, tensor)
-                    bar.update(tensor.numel() * tensor.element_size())
-            writer.close()
-        except BaseException:
-            writer.abort()
-            temp.unlink(missing_ok=True)
-            raise
-    os.replace(temp, out)
-    fsync_dir(out.parent)
+        with _progress(_bytes_of(combiner), progress, f"posthoc sigma_rel={sigma_rel:g}") as bar:
+
+            def tensor_of(name: str) -> torch.Tensor:
+                tensor = combiner.tensor(name)
+                bar.update(tensor.numel() * tensor.element_size())
+                return tensor
+
+            write_safetensors_atomic(out, entries, _metadata(plan), tensor_of)
     logger.info("wrote the sigma_rel %g reconstruction (step %d) to %s", plan.sigma_rel, plan.step, out)
     return out
 
@@ -272,18 +264,8 @@ def _write_rank_file(combiner: _Combiner, staging: Path, source: dict, plan: Rec
                 "step": str(plan.step), "schedule": json.dumps(combiner.newest.manifest["schedule"]),
                 "world_size": str(world), "rank": str(source["rank"]),
                 "tensors": json.dumps(listed, separators=(",", ":"))}
-    temp = final.with_name(final.name + TEMP_SUFFIX)
-    writer = SafetensorsStreamWriter(temp, [(fqn, t.dtype, list(t.shape)) for fqn, t in pieces.items()], metadata)
-    try:
-        for name in writer.order:
-            writer.write(name, pieces[name])
-        size, crc = writer.close()
-    except BaseException:
-        writer.abort()
-        temp.unlink(missing_ok=True)
-        raise
-    os.replace(temp, final)
-    fsync_dir(directory)
+    size, crc = write_safetensors_atomic(final, [(fqn, t.dtype, list(t.shape)) for fqn, t in pieces.items()],
+                                         metadata, pieces.__getitem__)
     return {"path": f"{ema_dirname(plan.sigma_rel)}/{final.name}", "factor": plan.sigma_rel,
             "rank": source["rank"], "size": size, "crc32": crc, "pieces": listed}
 
