@@ -34,6 +34,7 @@ foreach calls, as described above.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Sequence
@@ -124,6 +125,65 @@ def _split_even(pieces: list[_Piece], parts: int) -> list[list[_Piece]]:
         runs[-1].append(piece)
         done += piece[1].numel()
     return runs
+
+
+def exchange_(scratch: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor],
+              layout: Literal["auto", "cpu", "device"] = "auto") -> None:
+    """Swap the values of ``a[i]`` and ``b[i]`` through ``scratch[i]`` (same shapes and dtypes).
+
+    On CPU the work is cut like an update plan (see [Note: CPU execution]): pieces of at most
+    ``CPU_PIECE_NUMEL`` elements, which ATen copies on one thread, in one contiguous share per
+    thread (one join per call, not one per copy: a swap then does not wait on the slowest of
+    the threads three times per tensor when the cores are shared). Each share exchanges its
+    pieces one after the other through one piece of scratch, which stays in the cache: live and
+    shadow are each read and written once. Elsewhere: three foreach copies. ``layout`` forces
+    one of the two (``"device"`` on CPU tensors: how tests run the device path in CI).
+    """
+    if not a:
+        return
+    if layout == "device" or (layout == "auto" and a[0].device.type != "cpu"):
+        _exchange_lists(scratch, a, b)
+        return
+    pieces = [(t.view(-1)[i:i + CPU_PIECE_NUMEL], x.view(-1)[i:i + CPU_PIECE_NUMEL],
+               y.view(-1)[i:i + CPU_PIECE_NUMEL])
+              for t, x, y in zip(scratch, a, b) for i in range(0, x.numel(), CPU_PIECE_NUMEL)]
+    total = sum(x.numel() for x in a)
+    workers = min(max(1, torch.get_num_threads()), len(pieces)) if total >= MIN_PARALLEL_NUMEL else 1
+    bounds = [len(pieces) * w // workers for w in range(workers + 1)]
+    runs = [_interleaved(pieces[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+    futures = [_cpu_pool(len(runs) - 1).submit(_copy_in_order, *run) for run in runs[1:]] if len(runs) > 1 else []
+    try:
+        _copy_in_order(*runs[0])
+    finally:
+        errors = [f.exception() for f in futures]  # waits: no worker may still write after return
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def _interleaved(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """``(dsts, srcs)`` that exchange each piece in turn through the run's largest scratch piece
+    (its own: the runs' scratch pieces are disjoint)."""
+    tmp = max((t for t, _, _ in pieces), key=lambda t: t.numel())
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for _, x, y in pieces:
+        t = tmp[:x.numel()]
+        dsts += [t, x, y]
+        srcs += [x, y, t]
+    return dsts, srcs
+
+
+def _copy_in_order(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    # CPU foreach copies run one pair after the other, in list order: the order the exchange needs.
+    with torch.no_grad():  # thread-local: pool threads set it themselves
+        torch._foreach_copy_(dsts, srcs)
+
+
+def _exchange_lists(scratch: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    torch._foreach_copy_(scratch, a)
+    torch._foreach_copy_(a, b)
+    torch._foreach_copy_(b, scratch)
 
 
 class LerpPlan:

@@ -53,6 +53,7 @@ import torch
 
 from . import _dist
 from ._compat import version_counter
+from ._kernels import exchange_
 from ._log import logger
 from ._shards import TrackedTensor, path_label
 from ._store import ShadowStore
@@ -259,9 +260,7 @@ class _Swap:
         tmp = [scratch[o:o + n] for _, _, n, o in segments]
         live = [lives[i].view(-1)[s:s + n] for i, s, n, _ in segments]
         shadow = [self.shadows[i].view(-1)[s:s + n] for i, s, n, _ in segments]
-        torch._foreach_copy_(tmp, live)
-        torch._foreach_copy_(live, shadow)
-        torch._foreach_copy_(shadow, tmp)
+        exchange_(tmp, live, shadow)
 
     @staticmethod
     def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool) -> None:
