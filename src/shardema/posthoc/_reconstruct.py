@@ -252,20 +252,36 @@ def reconstruct_to_file(root, sigma_rel: float, out, step: int | None = None, mo
 
 def _write_rank_file(combiner: _Combiner, staging: Path, source: dict, plan: ReconstructionPlan, save_id: str,
                      tag: str, world: int) -> dict:
-    """One rank's file of the output: the same pieces as the source snapshot's file of that rank."""
+    """One rank's file of the output: the same pieces as the source snapshot's file of that rank.
+
+    Two passes, one piece in memory at a time: the file's header lists every piece's CRC-32,
+    so the pieces are combined once for their checksums, then again as they are written
+    (the float64 combination is deterministic; a difference would be a bug and raises).
+    """
     directory = staging / ema_dirname(plan.sigma_rel)
     make_dirs(directory)
     final = directory / rank_filename(source["rank"], world)
-    pieces = {fqn: combiner.box(fqn, piece["offset"], piece["shape"]) for fqn, piece in source["pieces"].items()}
-    listed = {fqn: {"offset": source["pieces"][fqn]["offset"], "shape": source["pieces"][fqn]["shape"],
-                    "crc32": tensor_crc32(tensor)} for fqn, tensor in pieces.items()}
+    boxes = {fqn: (piece["offset"], piece["shape"]) for fqn, piece in source["pieces"].items()}
+    listed = {}
+    entries = []
+    for fqn, (offset, shape) in boxes.items():
+        piece = combiner.box(fqn, offset, shape)
+        listed[fqn] = {"offset": offset, "shape": shape, "crc32": tensor_crc32(piece)}
+        entries.append((fqn, piece.dtype, list(piece.shape)))
+        del piece
+
+    def piece_of(fqn: str) -> torch.Tensor:
+        piece = combiner.box(fqn, *boxes[fqn])
+        if tensor_crc32(piece) != listed[fqn]["crc32"]:
+            raise RuntimeError(f"{fqn!r}: the reconstruction of one piece differed between two passes")
+        return piece
+
     metadata = {"format": "shardema-ema", "format_version": str(FORMAT_VERSION), "save_id": save_id, "tag": tag,
                 "model_path": json.dumps(plan.model_path), "factor": factor_name(plan.sigma_rel),
                 "step": str(plan.step), "schedule": json.dumps(combiner.newest.manifest["schedule"]),
                 "world_size": str(world), "rank": str(source["rank"]),
                 "tensors": json.dumps(listed, separators=(",", ":"))}
-    size, crc = write_safetensors_atomic(final, [(fqn, t.dtype, list(t.shape)) for fqn, t in pieces.items()],
-                                         metadata, pieces.__getitem__)
+    size, crc = write_safetensors_atomic(final, entries, metadata, piece_of)
     return {"path": f"{ema_dirname(plan.sigma_rel)}/{final.name}", "factor": plan.sigma_rel,
             "rank": source["rank"], "size": size, "crc32": crc, "pieces": listed}
 
@@ -280,7 +296,9 @@ def reconstruct_to_checkpoint(root, sigma_rel: float, out_root, tag: str = "late
     sigma_rels=[sigma_rel], model_paths=model_path).resume(out_root)`` (or ``load_ema``
     with ``tag``) loads it at any world size, and ``swapped(sigma_rel)`` swaps it in.
     Committed like a save (staging directory, manifest last, rename) under the writer
-    lock; an existing ``cp=<tag>`` is kept unless ``overwrite``. Returns the directory.
+    lock; an existing ``cp=<tag>`` is kept unless ``overwrite``. Memory: one piece at a
+    time (each is combined twice: once for the checksums the file header lists, once to
+    write it). Returns the directory.
     """
     validate_tag(tag)
     plan = plan_reconstruction(root, sigma_rel, step, model_path)
