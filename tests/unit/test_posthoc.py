@@ -342,3 +342,26 @@ def test_a_second_ema_callback_gets_its_own_root_under_the_run_dir(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ema" / "model").glob("cp=*")) == ["cp=last"]
     with pytest.raises(ValueError, match=r"names \{run_dir\}, but the runner has no run_dir"):
         CallbackRunner([configs[1]], model=model, writer=MemoryWriter())
+
+
+def test_one_model_path_of_several_reconstructs_and_resumes_on_its_own(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    ema = shardema.ShardedEMA(model, sigma_rels=PAIR, model_paths=["0", "2"])
+    for step in range(1, 13):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ema.update()
+        if step % 3 == 0:
+            posthoc.save_snapshot(ema, tmp_path)
+    state = posthoc.reconstruct(tmp_path, 0.10, model_path="2")
+    assert set(state) == {"weight", "bias"}  # keys relative to the model path
+    for t in ema.tracked(["2"]):
+        assert torch.equal(state[t.fqn], ema.shadow(0.10, t.key))  # tracked at the last snapshot: exact
+    posthoc.reconstruct_to_checkpoint(tmp_path, 0.07, tmp_path / "out", model_path="0")
+    fresh = shardema.ShardedEMA(model, sigma_rels=[0.07], model_paths="0")
+    assert fresh.resume(tmp_path / "out", strict=True) == "latest"
+    expected = posthoc.reconstruct(tmp_path, 0.07, model_path="0")
+    for t in fresh.tracked():
+        assert torch.equal(fresh.shadow(0.07, t.key), expected[t.fqn])
