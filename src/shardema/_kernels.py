@@ -105,6 +105,22 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
         return _pool[2]
 
 
+def _run_parallel(fn, runs: list) -> None:
+    """``fn(*run)`` for every run: the first on the calling thread, the others on the pool.
+
+    Returns only when every run has finished (no worker may still write after it), then
+    raises the first worker error.
+    """
+    futures = [_cpu_pool(len(runs) - 1).submit(fn, *run) for run in runs[1:]] if len(runs) > 1 else []
+    try:
+        fn(*runs[0])
+    finally:
+        errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+
+
 def _run_batches(batches: list[_Batch], weight_lists: list[list[float]]) -> None:
     # Grad mode is thread-local: pool threads must disable it themselves (lives require grad).
     with torch.no_grad():
@@ -151,14 +167,7 @@ def exchange_(scratch: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.
     workers = min(max(1, torch.get_num_threads()), len(pieces)) if total >= MIN_PARALLEL_NUMEL else 1
     bounds = [len(pieces) * w // workers for w in range(workers + 1)]
     runs = [_interleaved(pieces[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
-    futures = [_cpu_pool(len(runs) - 1).submit(_copy_in_order, *run) for run in runs[1:]] if len(runs) > 1 else []
-    try:
-        _copy_in_order(*runs[0])
-    finally:
-        errors = [f.exception() for f in futures]  # waits: no worker may still write after return
-    for error in errors:
-        if error is not None:
-            raise error
+    _run_parallel(_copy_in_order, runs)
 
 
 def _interleaved(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -324,18 +333,7 @@ class LerpPlan:
         runs = [(run, w) for run, w in zip(self._runs, weight_lists) if any(b.selfs for b in run)]
         if not runs:
             return
-        if len(runs) == 1:
-            _run_batches(*runs[0])
-            return
-        pool = _cpu_pool(len(runs) - 1)
-        futures = [pool.submit(_run_batches, run, w) for run, w in runs[1:]]
-        try:
-            _run_batches(*runs[0])
-        finally:
-            errors = [f.exception() for f in futures]  # waits: no worker may still write after return
-        for error in errors:
-            if error is not None:
-                raise error
+        _run_parallel(_run_batches, runs)
 
     def copy(self) -> None:
         """Set every shadow to its live tensor (casting to the shadow dtype)."""

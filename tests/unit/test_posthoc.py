@@ -365,3 +365,28 @@ def test_one_model_path_of_several_reconstructs_and_resumes_on_its_own(tmp_path)
     expected = posthoc.reconstruct(tmp_path, 0.07, model_path="0")
     for t in fresh.tracked():
         assert torch.equal(fresh.shadow(0.07, t.key), expected[t.fqn])
+
+
+def test_copied_buffers_come_from_the_newest_snapshot_unaveraged(tmp_path):
+    """Buffers under ``buffers="copy"`` follow the live model: a reconstruction takes them from the newest
+    snapshot it uses, in their own dtype, while the parameters are combined."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    ema = shardema.ShardedEMA(model, sigma_rels=PAIR)
+    for step in range(1, 13):
+        model(torch.randn(8, 4))  # train mode: running stats and num_batches_tracked move
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ema.update()
+        if step % 3 == 0:
+            posthoc.save_snapshot(ema, tmp_path)
+        if step == 9:
+            at_nine = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("1.running")
+                       or k.endswith("num_batches_tracked")}
+    state = posthoc.reconstruct(tmp_path, 0.07, step=10)  # uses snapshots 3, 6, 9
+    for key, value in at_nine.items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+    assert state["1.num_batches_tracked"].item() == 9
+    assert not torch.equal(state["0.weight"], shardema.load_consolidated(tmp_path, 0.05, tag="snapshot-000000009")
+                           ["0.weight"])  # the parameters are combined, not copied

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from .._log import logger
-from .._profiles import gamma_of_sigma_rel
 from .._shards import path_label
 from ..checkpoint._format import parse_cp_dirname
 from ..checkpoint._manifest import Version, find_candidates
@@ -63,10 +62,6 @@ class Snapshot:
     def directory(self) -> Path:
         """The committed directory read."""
         return self.version.directory
-
-    def gamma(self, sigma_rel: float) -> float:
-        """The exponent of one of its profiles."""
-        return gamma_of_sigma_rel(sigma_rel)
 
 
 def _snapshot_tags(label_dir: Path) -> list[str]:
