@@ -13,6 +13,7 @@ from ._launch import exit_with_launcher
 from ._shards import reshard_fsdp
 from ._swap import SwapAbortedError, SwapInfo, SwapWriteError
 from .checkpoint import load_consolidated
+from .checkpoint._async import SaveHandle
 from .config import DEFAULT_EXCHANGE_BUFFER_BYTES, DEFAULT_UPCAST_BUFFER_BYTES, DecaySchedule, EMAConfig
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "DecaySchedule",
     "EMAConfig",
     "EMAState",
+    "SaveHandle",
     "ShardedEMA",
     "SwapAbortedError",
     "SwapInfo",

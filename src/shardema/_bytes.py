@@ -35,3 +35,20 @@ def cpu_bytes(tensor: torch.Tensor) -> memoryview:
     array = (ctypes.c_ubyte * nbytes).from_address(flat.data_ptr())
     array.owner = flat  # type: ignore[attr-defined]  # the view keeps the array, the array the memory
     return memoryview(array).cast("B").toreadonly()
+
+
+def writable_cpu_bytes(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as a writable ``memoryview`` (e.g. for ``readinto``).
+
+    Zero-copy: writing the view writes the tensor. Raises for other tensors, whose
+    bytes could only be a copy.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(f"writable bytes need a contiguous CPU tensor, got {tensor.device} "
+                         f"contiguous={tensor.is_contiguous()}")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    array = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
+    array.owner = tensor  # type: ignore[attr-defined]
+    return memoryview(array).cast("B")

@@ -30,6 +30,19 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
 
 
+def background_group(group=None):
+    """A new gloo group over the ranks of ``group`` (the world when None), for collectives run
+    on a background thread beside the training loop's own; None without a process group.
+
+    Collective over the ranks of ``group`` only (``use_local_synchronization``): ranks outside
+    it need not call it.
+    """
+    if not is_distributed():
+        return None
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    return dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+
+
 def collective_device(group=None) -> torch.device:
     """The device on which ``group``'s backend takes tensors."""
     if not is_distributed():

@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,9 +20,12 @@ from . import _dist
 from ._compat import DTensor, local_tensor
 from ._log import logger
 from ._shards import Model, TrackedTensor, model_parts, path_label
-from ._store import CheckpointLoad, Key, ShadowStore
+from ._store import CheckpointLoad, Key, ShadowStore, StagedShadows
 from ._swap import SwapInfo, swap_session
 from .config import RENAMED_OPTIONS, SCHEDULE_FIELDS, DecaySchedule, EMAConfig, check_model_paths, factors_match
+
+if TYPE_CHECKING:
+    from .checkpoint._async import SaveHandle
 
 
 class EMAState(enum.Enum):
@@ -101,6 +105,9 @@ class ShardedEMA:
         self._state = EMAState.IDLE
         self._schedule: DecaySchedule = self.config.schedule
         self._store = ShadowStore(model, self.config, process_group)
+        self._pending_save: SaveHandle | None = None  # an asynchronous save in flight
+        self._staging: StagedShadows | None = None  # its host buffers, reused by the next one
+        self._save_group = None  # the gloo group asynchronous saves run their collectives on
         self._store.copy_from_live()
         self._warn_about_options()
         logger.info("tracking %d tensors in %d model path(s) with factors %s: %d shadow bytes on this rank",
@@ -464,16 +471,46 @@ class ShardedEMA:
                     {k: state_dict[k] for k in ("samples_seen", "samples_pending") if k in state_dict})
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, root, tag: str = "latest", *, dtype: torch.dtype | None = None) -> str:
+    def save(self, root, tag: str = "latest", *, dtype: torch.dtype | None = None, blocking: bool = True):
         """Collective: write this EMA under ``root`` with ``tag`` (see docs/checkpoint-format.md).
 
         ``dtype``: store the averaged shadows in a lower precision (e.g. ``torch.bfloat16``
         for post-hoc snapshots); ``None`` stores them as they are.
+
+        ``blocking=True`` returns the tag once the save is committed. ``blocking=False``
+        copies the shadows into host buffers (pinned for accelerator shadows) and returns a
+        :class:`~shardema.SaveHandle` at once; a background thread writes and commits the
+        copy with the same protocol, on a gloo process group of its own, while training
+        goes on (``update()`` may run). Either way a save first waits for this EMA's
+        previous asynchronous save (and raises its error if nobody waited for it). Call
+        ``handle.wait()`` or :meth:`wait_for_save` before destroying the process group.
         """
         self._require_idle("save")
         from .checkpoint import save_ema
+        from .checkpoint._async import start_save
+        from .checkpoint._format import validate_tag
 
-        return save_ema(self, root, tag, dtype=dtype)
+        validate_tag(tag)
+        if not isinstance(blocking, bool):
+            raise TypeError(f"blocking={blocking!r} must be True or False")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r} must be a floating torch dtype such as torch.bfloat16, or None")
+        if blocking:
+            self.wait_for_save()
+            return save_ema(self, root, tag, dtype=dtype)
+        if self._save_group is None and _dist.is_distributed():
+            self._save_group = _dist.background_group(self.process_group)
+        self._pending_save, self._staging = start_save(self, self._pending_save, self._staging, self._save_group,
+                                                       Path(root), tag, dtype)
+        return self._pending_save
+
+    def wait_for_save(self) -> str | None:
+        """Wait for this EMA's asynchronous save in flight, if any; its tag, or None when there was none.
+
+        Raises the save's error if it failed (once: a later call returns None).
+        """
+        pending, self._pending_save = self._pending_save, None
+        return None if pending is None else pending.finish()
 
     def resume(self, root, strict: bool = False) -> str | None:
         """Collective: load ``cp=latest``, else ``cp=last``; else keep the live init (None)."""

@@ -197,6 +197,25 @@ class ShadowStore:
         """The tracked tensor named ``key``."""
         return self._by_key[key]
 
+    @torch.no_grad()
+    def stage(self, previous: StagedShadows | None = None, pin_memory: bool = True) -> StagedShadows:
+        """Host copies of every shadow now (see :class:`StagedShadows`), reusing ``previous``'s buffers."""
+        old_flats = previous.flats if previous is not None else []
+        old_copies = previous.copies if previous is not None else {}
+        flats = [_host_copy(g.flat, old_flats[i] if i < len(old_flats) else None, pin_memory)
+                 for i, g in enumerate(self._groups)]
+        copies = {key: _host_copy(t, old_copies.get(key), pin_memory) for key, t in self._copies.items()}
+        host_of = {id(g): flats[i] for i, g in enumerate(self._groups)}
+        views = {}
+        for key, (group, i) in self._shadow_of.items():
+            for k in range(self.num_factors):
+                view = group.views[k][i]
+                views[(k, key)] = host_of[id(group)].as_strided(view.shape, view.stride(), view.storage_offset())
+        for device in {t.device for t in [*(g.flat for g in self._groups), *self._copies.values()]}:
+            if device.type == "cuda":  # the non-blocking copies must land before the writer reads them
+                torch.cuda.current_stream(device).synchronize()
+        return StagedShadows(flats, copies, views)
+
     def shadow(self, k: int, key: Key) -> torch.Tensor:
         """The shadow of factor index ``k`` of ``key`` (a view; copied tensors share one)."""
         if key in self._copies:
@@ -323,6 +342,42 @@ class ShadowStore:
         dsts, srcs = self._copied_pairs()
         if dsts:
             torch._foreach_copy_(dsts, srcs)
+
+
+class StagedShadows:
+    """Host copies of every shadow at one instant: what an asynchronous save writes.
+
+    Made by :meth:`ShadowStore.stage`: one copy per flat ``[K, N]`` group buffer and per
+    copied tensor (pinned host memory for accelerator shadows, so the copies run at full
+    bandwidth), reusing the buffers of the previous staging when they fit. :meth:`shadow`
+    returns views laid out exactly like the live store's.
+    """
+
+    def __init__(self, flats: list[torch.Tensor], copies: dict[Key, torch.Tensor],
+                 views: dict[tuple[int, Key], torch.Tensor]):
+        self.flats = flats
+        self.copies = copies
+        self.views = views
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held."""
+        return sum(t.numel() * t.element_size() for t in [*self.flats, *self.copies.values()])
+
+    def shadow(self, k: int, key: Key) -> torch.Tensor:
+        """The staged shadow of factor index ``k`` of ``key``."""
+        if key in self.copies:
+            return self.copies[key]
+        return self.views[(k, key)]
+
+
+def _host_copy(source: torch.Tensor, reuse: torch.Tensor | None, pin_memory: bool) -> torch.Tensor:
+    """``source`` copied into host memory, into ``reuse`` when it has the same shape and dtype."""
+    if reuse is None or reuse.shape != source.shape or reuse.dtype != source.dtype:
+        pin = pin_memory and source.device.type == "cuda"
+        reuse = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=pin)
+    reuse.copy_(source, non_blocking=source.device.type != "cpu")
+    return reuse
 
 
 class CheckpointLoad:

@@ -175,6 +175,21 @@ def _train_save(kind, root, steps):
     return portable(full_state(ema)), ema.step, writes, at_last
 
 
+def _async_save_while_training(kind, root, steps):
+    """An asynchronous save (own gloo group, background thread) while the EMA goes on updating."""
+    model = build(kind)
+    ema = shardema.ShardedEMA(model, FACTORS)
+    train(model, ema, steps)
+    expected = portable(full_state(ema))
+    handle = ema.save(root, "latest", blocking=False)
+    train(model, ema, 2)  # the staged copy is what is written
+    after = ema.save(root, "E0_U5_S5", blocking=False)  # waits for the first save, then stages step 5
+    assert handle.done() and handle.wait() == "latest"
+    train(model, ema, 1)
+    assert ema.wait_for_save() == "E0_U5_S5" and after.done()
+    return expected, handle.step
+
+
 def _dcp_round_trip(path):
     import torch.distributed.checkpoint as dcp
 
@@ -263,9 +278,9 @@ def test_hsdp_2x2_to_2_ranks(tmp_path):
     checked = run_ranks(_resume_check, 2, "fsdp", str(tmp_path), expected, 4, timeout=240)
     assert all(c > 0 for c in checked)
 
-    # A flipped byte in the last file is verified by rank 1 only; both ranks must skip to cp=last (the
-    # ranks agree). The pieces are read whole here, so the per-piece CRC would catch it as well; see
-    # test_a_corrupt_piece_read_as_partial_slices_is_caught_by_the_whole_file_crc for the whole-file CRC.
+    # A flipped data byte in one file is read, and caught by its piece's CRC-32C, on one rank only;
+    # both ranks must skip to cp=last (the ranks agree). Partial reads: see
+    # test_a_corrupt_piece_read_as_partial_slices_is_caught_by_its_checksum.
     broken = tmp_path / "model" / "cp=latest" / "ema=0.99" / "rank-00001-of-00004.safetensors"
     data = bytearray(broken.read_bytes())
     data[-3] ^= 0x01
@@ -284,9 +299,10 @@ def _flip_tensor_byte(path, name):
     path.write_bytes(bytes(data))
 
 
-def test_a_corrupt_piece_read_as_partial_slices_is_caught_by_the_whole_file_crc(tmp_path):
-    """Saved by one process (whole tensors), resumed on 2 FSDP2 ranks: each rank reads a slice of the
-    corrupt piece, which no per-piece checksum covers; only the file's CRC-32 can reject the candidate."""
+def test_a_corrupt_piece_read_as_partial_slices_is_caught_by_its_checksum(tmp_path):
+    """Saved by one process (whole tensors), resumed on 2 FSDP2 ranks: each rank needs a slice of the
+    corrupt piece; a rank reads every piece it needs whole and checks its CRC-32C, so the candidate is
+    rejected on both ranks and both fall back to cp=last."""
     model = build("plain")
     ema = shardema.ShardedEMA(model, FACTORS)
     train(model, ema, 2)
@@ -297,6 +313,20 @@ def test_a_corrupt_piece_read_as_partial_slices_is_caught_by_the_whole_file_crc(
     broken = tmp_path / "model" / "cp=latest" / "ema=0.99" / "rank-00000-of-00001.safetensors"
     _flip_tensor_byte(broken, "enc.weight")  # 5 rows: 3 + 2 on 2 ranks, both read a slice of it
     run_ranks(_resume_check, 2, "fsdp", str(tmp_path), at_last, 2, "last", timeout=240)
+
+
+def test_an_async_save_on_2_fsdp_ranks_writes_the_staged_copy_and_resumes_anywhere(tmp_path):
+    results = run_ranks(_async_save_while_training, 2, "fsdp", str(tmp_path), 3, timeout=240)
+    expected, step = unportable(results[0][0]), results[0][1]
+    assert step == 3 and results[1][1] == 3
+    _assert_matches_reference(expected, 3)
+    checked = run_ranks(_resume_check, 2, "fsdp", str(tmp_path), expected, 3, timeout=240)
+    assert all(c > 0 for c in checked)
+    model = build("plain")
+    single = shardema.ShardedEMA(model, FACTORS)
+    assert single.resume(tmp_path, strict=True) == "latest" and single.step == 3
+    assert check_resumed(model, single, expected) > 0
+    assert shardema.checkpoint.load_ema(single, tmp_path, "E0_U5_S5") == "E0_U5_S5" and single.step == 5
 
 
 def test_dcp_round_trip_through_state_dict(tmp_path):

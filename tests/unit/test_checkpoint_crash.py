@@ -11,9 +11,12 @@ Two tests:
   that imported torch once, so each costs milliseconds.
 - a writer saving in a loop is killed at random moments (timing-dependent, an extra check).
 
-Run as a script, this module is the writer (``python test_checkpoint_crash.py ROOT``: resume
+Both run with blocking saves and with asynchronous ones (``blocking=False``: the staged copy is
+written by a background thread while the EMA goes on updating; the kill lands in that thread).
+
+Run as a script, this module is the writer (``python test_checkpoint_crash.py ROOT MODE``: resume
 from ROOT, then forever one update and a save of ``cp=latest``, and of an iteration tag every 4
-steps, printing each committed step) or the zygote (``--zygote``: reads ``ROOT<TAB>N`` lines).
+steps, printing each committed step) or the zygote (``--zygote``: reads ``ROOT<TAB>N<TAB>MODE`` lines).
 """
 
 import builtins
@@ -29,6 +32,7 @@ import sys
 import time
 import zlib
 
+import pytest
 import torch
 from torch import nn
 
@@ -68,14 +72,15 @@ def train(model, ema, steps: int) -> None:
         ema.update()
 
 
-def writer(root: str) -> None:
+def writer(root: str, blocking: bool) -> None:
     model, ema = make()
     ema.resume(root)
     while True:
         train(model, ema, 1)
-        ema.save(root, "latest")
+        ema.save(root, "latest", blocking=blocking)
         if ema.step % 4 == 0:
-            ema.save(root, f"E0_U{ema.step}_S{ema.step}")
+            ema.save(root, f"E0_U{ema.step}_S{ema.step}", blocking=blocking)  # waits for the first
+        ema.wait_for_save()
         print(ema.step, flush=True)
 
 
@@ -91,8 +96,10 @@ def test_sigkill_at_random_moments_never_loses_a_committed_save(tmp_path):
     for round_ in range(4):
         log = tmp_path / f"writer{round_}.err"
         with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, __file__, str(root)], stdout=subprocess.PIPE, stderr=err,
-                                    text=True)
+            # Blocking saves in even rounds, asynchronous ones (written on a background thread) in odd ones.
+            mode = "blocking" if round_ % 2 == 0 else "async"
+            proc = subprocess.Popen([sys.executable, __file__, str(root), mode], stdout=subprocess.PIPE,
+                                    stderr=err, text=True)
             try:
                 first = _first_line(proc, timeout=120)
                 assert first, f"the writer committed nothing: {log.read_text()}"
@@ -166,9 +173,12 @@ def _fd_name(fd) -> str:
         return f"fd {fd}"
 
 
-def save_killed_at(root: str, kill_at: int) -> list[str]:
+def save_killed_at(root: str, kill_at: int, blocking: bool = True) -> list[str]:
     """Build the step-3 EMA and save it to ``root`` as ``cp=latest``, SIGKILLing this process at
-    point ``kill_at`` (1-based; 0 = never). Returns the points passed (when not killed)."""
+    point ``kill_at`` (1-based; 0 = never). Returns the points passed (when not killed).
+
+    ``blocking=False``: an asynchronous save, during which the EMA goes on to step 5 (the
+    background thread writes the staged step-3 copy and is the one killed)."""
     model, ema = make()
     train(model, ema, 3)
     prefix = os.path.abspath(root)
@@ -198,7 +208,12 @@ def save_killed_at(root: str, kill_at: int) -> list[str]:
     os.replace = wrap("replace", os.replace, str)
     os.fsync = wrap("fsync", os.fsync, _fd_name)
     builtins.open = io.open = opening
-    ema.save(root, "latest")
+    if blocking:
+        ema.save(root, "latest")
+    else:
+        handle = ema.save(root, "latest", blocking=False)
+        train(model, ema, 2)
+        handle.wait()
     return points
 
 
@@ -212,14 +227,14 @@ def zygote() -> None:
         ema.save(warm, "latest")
         ema.resume(warm)
     for line in sys.stdin:
-        root, kill_at = line.rstrip("\n").split("\t")
+        root, kill_at, mode = line.rstrip("\n").split("\t")
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 torch.set_num_threads(1)
-                print(json.dumps({"points": save_killed_at(root, int(kill_at))}), flush=True)
+                print(json.dumps({"points": save_killed_at(root, int(kill_at), mode == "blocking")}), flush=True)
             except BaseException as exc:
                 print(json.dumps({"error": repr(exc)}), flush=True)
                 code = 1
@@ -237,9 +252,9 @@ class Zygote:
                                      stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         return self
 
-    def run(self, root, kill_at: int) -> dict:
+    def run(self, root, kill_at: int, mode: str = "blocking") -> dict:
         """Run one child; returns ``{"signal", "exit", "points"?, "error"?}``."""
-        self.proc.stdin.write(f"{root}\t{kill_at}\n")
+        self.proc.stdin.write(f"{root}\t{kill_at}\t{mode}\n")
         self.proc.stdin.flush()
         result: dict = {}
         while "signal" not in result:
@@ -267,7 +282,8 @@ def same_state(ema, expected: dict) -> bool:
     return all(torch.equal(ema.shadow(f, key), value) for (f, key), value in expected.items())
 
 
-def test_sigkill_at_every_commit_point_leaves_the_old_or_the_new_save(tmp_path):
+@pytest.mark.parametrize("mode", ["blocking", "async"])
+def test_sigkill_at_every_commit_point_leaves_the_old_or_the_new_save(tmp_path, mode):
     template = tmp_path / "template"
     model, ema = make()
     train(model, ema, 2)
@@ -278,7 +294,7 @@ def test_sigkill_at_every_commit_point_leaves_the_old_or_the_new_save(tmp_path):
     new = snapshot(ema)  # what the children save
     with Zygote() as z:
         shutil.copytree(template, tmp_path / "dry")
-        dry = z.run(tmp_path / "dry", 0)
+        dry = z.run(tmp_path / "dry", 0, mode)
         assert dry["exit"] == 0 and "points" in dry, dry
         points = dry["points"]
         kinds = [p.split()[0] for p in points]
@@ -297,7 +313,7 @@ def test_sigkill_at_every_commit_point_leaves_the_old_or_the_new_save(tmp_path):
         for n in range(1, len(points) + 1):
             root = tmp_path / f"kill{n}"
             shutil.copytree(template, root)
-            result = z.run(root, n)
+            result = z.run(root, n, mode)
             assert result["signal"] == signal.SIGKILL, (n, points[n - 1], result)
             assert fresh.resume(root, strict=True) == "latest", (n, points[n - 1])
             assert (fresh.step, same_state(fresh, {2: old, 3: new}.get(fresh.step, {}))) in {(2, True), (3, True)}, \
@@ -320,4 +336,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--zygote":
         zygote()
     else:
-        writer(sys.argv[1])
+        writer(sys.argv[1], blocking=sys.argv[2] == "blocking")

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from checksum_reference import crc32c_hex
 from shardema.checkpoint import ManifestError, validate_tag
 from shardema.checkpoint._format import (
     box_overlap,
@@ -16,9 +17,9 @@ from shardema.checkpoint._format import (
     parse_rank_filename,
     rank_filename,
     staging_dirname,
-    tensor_crc32,
+    tensor_checksum,
 )
-from shardema.checkpoint._io import SafetensorsStreamWriter, file_crc32
+from shardema.checkpoint._io import SafetensorsHeader, SafetensorsStreamWriter, file_crc32
 from shardema.checkpoint._manifest import validate_manifest
 
 
@@ -64,9 +65,20 @@ def test_stream_writer_output_is_read_by_safetensors(tmp_path):
     assert writer.order[0] == "i"  # largest element size first keeps every tensor aligned
     for name in writer.order:
         writer.write(name, tensors[name])
-    size, crc = writer.close()
-    assert (size, crc) == file_crc32(path)
-    assert size == path.stat().st_size
+    written = writer.close()
+    raw = path.read_bytes()
+    assert written.size == len(raw) == path.stat().st_size
+    header_len = int.from_bytes(raw[:8], "little")
+    assert written.header_crc32c == crc32c_hex(raw[:8 + header_len])
+    header = json.loads(raw[8:8 + header_len])
+    for name in tensors:  # each tensor's CRC-32C, of its bytes as stored
+        begin, end = header[name]["data_offsets"]
+        assert written.checksums[name] == crc32c_hex(raw[8 + header_len + begin:8 + header_len + end]), name
+    with open(path, "rb") as f:
+        parsed = SafetensorsHeader.read(f, path)
+    assert parsed.raw == raw[:8 + header_len] and parsed.metadata == {"k": "v"}
+    assert parsed.entries["a"] == (torch.float32, [3, 4], 8 + header_len + header["a"]["data_offsets"][0],
+                                   8 + header_len + header["a"]["data_offsets"][1])
     loaded = load_file(path)
     assert set(loaded) == set(tensors)
     for k, v in tensors.items():
@@ -88,20 +100,56 @@ def test_stream_writer_checks_order_and_metadata(tmp_path):
     writer.abort()
 
 
-def test_tensor_crc32_is_zlib_crc_of_the_raw_bytes():
+def test_tensor_checksums_are_crc32c_and_zlib_crc32_of_the_raw_bytes():
     t = torch.arange(5, dtype=torch.float32)
-    assert tensor_crc32(t) == f"{zlib.crc32(t.numpy().tobytes()):08x}"
-    assert tensor_crc32(torch.arange(5, dtype=torch.bfloat16)) == \
-        f"{zlib.crc32(torch.arange(5, dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()):08x}"
+    assert tensor_checksum(t) == crc32c_hex(t.numpy().tobytes())
+    assert tensor_checksum(t, "crc32") == f"{zlib.crc32(t.numpy().tobytes()):08x}"
+    h = torch.arange(5, dtype=torch.bfloat16)
+    assert tensor_checksum(h) == crc32c_hex(h.view(torch.int16).numpy().tobytes())
+    assert tensor_checksum(h, "crc32") == f"{zlib.crc32(h.view(torch.int16).numpy().tobytes()):08x}"
+
+
+def test_file_crc32_is_zlib_crc_of_the_whole_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 1000)
+    assert file_crc32(path) == (256_000, f"{zlib.crc32(path.read_bytes()):08x}")
+
+
+@pytest.mark.parametrize("damage", ["short", "length", "json", "offsets", "dtype"])
+def test_a_damaged_safetensors_header_is_an_error_naming_the_file(tmp_path, damage):
+    path = tmp_path / "d.safetensors"
+    writer = SafetensorsStreamWriter(path, [("a", torch.float32, (4,))])
+    writer.write("a", torch.ones(4))
+    writer.close()
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    if damage == "short":
+        raw = raw[:5]
+    elif damage == "length":
+        raw[:8] = (len(raw)).to_bytes(8, "little")
+    elif damage == "json":
+        raw[8] = ord("x")
+    else:
+        header = json.loads(raw[8:8 + n])
+        if damage == "offsets":
+            header["a"]["data_offsets"] = [0, 99]
+        else:
+            header["a"]["dtype"] = "F99"
+        blob = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+        assert len(blob) == n
+        raw[8:8 + n] = blob
+    path.write_bytes(bytes(raw))
+    with open(path, "rb") as f, pytest.raises(ValueError, match="d.safetensors"):
+        SafetensorsHeader.read(f, path)
 
 
 def _manifest(pieces):
     return {
-        "format": "shardema-ema", "format_version": 1, "save_id": "s", "tag": "latest", "model_path": None,
+        "format": "shardema-ema", "format_version": 2, "save_id": "s", "tag": "latest", "model_path": None,
         "model_paths": [None], "step": 1, "schedule": {}, "factors": [0.9], "world_size": 2,
         "tensors": {"w": {"global_shape": [4, 3], "dtype": "float32"}},
         "files": [{"path": f"ema=0.9/rank-0000{r}-of-00002.safetensors", "factor": 0.9, "rank": r, "size": 1,
-                   "crc32": "00000000", "pieces": {"w": {"offset": o, "shape": s, "crc32": "0"}}}
+                   "header_crc32c": "00000000", "pieces": {"w": {"offset": o, "shape": s, "crc32c": "0"}}}
                   for r, (o, s) in enumerate(pieces)],
     }
 

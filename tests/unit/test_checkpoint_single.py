@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import shardema
+from checksum_reference import crc32c_hex
 from shardema.checkpoint import (
     CheckpointMismatchError,
     list_checkpoints,
@@ -253,14 +254,16 @@ def _flip_tensor_byte(path, name: str) -> None:
 
 
 def _reseal_manifest(root, tag: str, label: str = "model") -> None:
-    """Write the files' current size and whole-file CRC-32 into the manifest (the per-piece CRCs stay):
-    a file corrupted this way passes verification and fails only while it is read."""
+    """Make a file whose data bytes were changed pass verification, so that it fails only while it is read.
+
+    Format 2 verification checks the size and the header's CRC-32C, which a changed data byte
+    leaves intact: assert that nothing needs resealing."""
     manifest_path = root / label / f"cp={tag}" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     for entry in manifest["files"]:
-        data = (manifest_path.parent / entry["path"]).read_bytes()
-        entry["size"], entry["crc32"] = len(data), f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+        raw = (manifest_path.parent / entry["path"]).read_bytes()
+        header_len = int.from_bytes(raw[:8], "little")
+        assert (entry["size"], entry["header_crc32c"]) == (len(raw), crc32c_hex(raw[:8 + header_len]))
 
 
 def _save_with_a_corrupt_second_file(tmp_path, tag: str):
@@ -286,7 +289,7 @@ def test_a_load_that_fails_after_writing_some_shadows_is_undone(tmp_path, caplog
                     ema2.resume(tmp_path, strict=True)
             else:
                 assert ema2.resume(tmp_path) is None
-        assert "fails its CRC-32 check" in caplog.text  # it failed while reading, after verification
+        assert "fails its CRC-32C check" in caplog.text  # it failed while reading, after verification
         # neither the partly loaded values nor the values from before the resume are left
         assert_equals_live(ema2)
         assert not torch.equal(ema2.shadow(0.9, (None, "dec.weight")), saved[(0.9, (None, "dec.weight"))])
@@ -317,8 +320,12 @@ def test_load_ema_reads_one_given_tag_without_fallback(tmp_path):
     _flip_byte(committed_file(tmp_path, "E0_U4_S4", 0.9))
     with pytest.raises(FileNotFoundError, match="no intact EMA checkpoint cp=E0_U4_S4"):
         load_ema(ema2, tmp_path, "E0_U4_S4")
-    for t in ema2.tracked():  # a checkpoint that failed verification is never loaded
-        assert torch.equal(ema2.shadow(0.99, t.key), at_two[(0.99, t.key)]), t.fqn
+    # The flipped data byte fails its piece's checksum while it is read: the half-loaded
+    # shadows are reset to the live weights (never left half loaded) and the step stays.
+    assert ema2.step == 2
+    for t in ema2.tracked():
+        live = t.owner.get_parameter(t.attr) if not t.is_buffer else t.owner.get_buffer(t.attr)
+        assert torch.equal(ema2.shadow(0.99, t.key), live.detach()), t.fqn
     with ema2.swapped(0.99), pytest.raises(RuntimeError, match="inside `with ema.swapped"):
         load_ema(ema2, tmp_path, "latest")
 

@@ -305,7 +305,10 @@ def test_the_manifest_and_file_metadata_follow_the_format(tmp_path):
     ema.save(tmp_path, "T")
     manifest = json.loads((tmp_path / "model" / "cp=T" / "manifest.json").read_text())
     assert manifest["buffers"] == "average"
-    assert [sorted(f) for f in manifest["files"]] == [["crc32", "factor", "path", "pieces", "rank", "size"]]
+    assert manifest["format_version"] == 2
+    assert [sorted(f) for f in manifest["files"]] == [["factor", "header_crc32c", "path", "pieces", "rank", "size"]]
+    pieces = manifest["files"][0]["pieces"].values()
+    assert pieces and all(sorted(p) == ["crc32c", "offset", "shape"] for p in pieces)
     with safe_open(str(tmp_path / "model" / "cp=T" / manifest["files"][0]["path"]), "pt") as f:
         assert json.loads(f.metadata()["mesh_shapes"]) == []  # no DTensor: an empty list
 
@@ -439,7 +442,9 @@ def test_every_file_is_verified_not_only_the_first(tmp_path, caplog):
     last.write_bytes(bytes(raw))
     torch.manual_seed(1)
     assert shardema.ShardedEMA(TwoPaths(), (0.9, 0.99)).resume(tmp_path) is None
-    assert f"{last}: CRC-32 " in caplog.text and "the manifest says" in caplog.text
+    # Format 2: the data bytes are checked as they are read (the header still verifies).
+    assert f"{last}: " in caplog.text and "fails its CRC-32C check" in caplog.text
+    assert "the manifest says" in caplog.text
 
 
 def test_a_candidate_that_moved_while_read_is_looked_up_again(tmp_path, monkeypatch, caplog):

@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from .._log import logger
 from .._shards import path_label
+from ._checksum import LABELS, piece_checksum
 from ._format import (
     FORMAT_VERSION,
     box_overlap,
     cp_dirname,
     factor_name,
     numel,
-    tensor_crc32,
+    tensor_checksum,
     validate_tag,
 )
 from ._io import write_safetensors_atomic
@@ -51,7 +52,7 @@ def _find_version(root: Path, model_path: str | None, tag: str) -> Version:
 
 
 class ConsolidatedReader:
-    """Assemble full tensors of one (model path, tag, factor), verifying each stored piece's CRC-32.
+    """Assemble full tensors of one (model path, tag, factor), verifying each stored piece's checksum.
 
     Use as a context manager; :attr:`entries` lists ``(fqn, dtype, global shape)`` in
     the saved order and :meth:`read` returns one full tensor.
@@ -117,7 +118,7 @@ class ConsolidatedReader:
     def read_box(self, fqn: str, offset, shape) -> torch.Tensor:
         """The box ``[offset, offset + shape)`` of tensor ``fqn``, from the pieces that overlap it.
 
-        Each overlapping piece is read whole and checked against its CRC-32 (so the memory
+        Each overlapping piece is read whole and checked against its checksum (so the memory
         is the box plus one piece); raises ``ValueError`` naming the file of a corrupt piece.
         """
         fqn = self.alias_of.get(fqn, fqn)
@@ -127,8 +128,9 @@ class ConsolidatedReader:
             if overlap is None:
                 continue
             data = self._open(path).get_tensor(fqn)
-            if list(data.shape) != piece["shape"] or tensor_crc32(data) != piece["crc32"]:
-                raise ValueError(f"{path}: {fqn!r} fails its shape or CRC-32 check (corrupt checkpoint)")
+            algorithm, expected = piece_checksum(piece)
+            if list(data.shape) != piece["shape"] or tensor_checksum(data, algorithm) != expected:
+                raise ValueError(f"{path}: {fqn!r} fails its shape or {LABELS[algorithm]} check (corrupt checkpoint)")
             source, target = data, box
             for dim, (start, size) in enumerate(zip(*overlap)):
                 source = source.narrow(dim, start - piece["offset"][dim], size)
@@ -162,7 +164,7 @@ def load_consolidated(root, factor: float, model_path: str | None = None, tag: s
     loads into the unsharded module with ``module.load_state_dict(sd, strict=True)``
     when the EMA tracked buffers (``buffers="copy"`` or ``"average"``); under
     ``"ignore"`` buffers are absent, so load with ``strict=False``. Every stored piece
-    is checked against its CRC-32. ``progress``: show a progress bar (default: for
+    is checked against its checksum. ``progress``: show a progress bar (default: for
     checkpoints of 256 MiB or more).
     """
     out: dict[str, torch.Tensor] = {}

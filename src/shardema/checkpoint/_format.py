@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 
 import torch
 
 from .._bytes import cpu_bytes
+from ._checksum import CRC32C, hex_digest
 
 FORMAT_NAME = "shardema-ema"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Format 2: CRC-32C checksums of every piece and of each file's header (format 1: zlib CRC-32 of
+every piece and of each whole file); both are read."""
 MANIFEST_NAME = "manifest.json"
 FILE_SUFFIX = ".safetensors"
 TEMP_SUFFIX = ".tmp"
@@ -136,14 +138,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return cpu_bytes(tensor)
 
 
-def crc32_hex(value: int) -> str:
-    """A CRC-32 as 8 lowercase hex digits."""
-    return f"{value & 0xFFFFFFFF:08x}"
-
-
-def tensor_crc32(tensor: torch.Tensor) -> str:
-    """CRC-32 (zlib polynomial) of the tensor's raw bytes, as 8 hex digits."""
-    return crc32_hex(zlib.crc32(tensor_bytes(tensor)))
+def tensor_checksum(tensor: torch.Tensor, algorithm: str = CRC32C) -> str:
+    """Checksum of the tensor's raw bytes as 8 hex digits: CRC-32C (format 2) or zlib's CRC-32 (format 1)."""
+    return hex_digest(algorithm, tensor_bytes(tensor))
 
 
 def box_overlap(offset_a, shape_a, offset_b, shape_b) -> tuple[tuple[int, ...], tuple[int, ...]] | None:

@@ -60,8 +60,8 @@ def list_checkpoints(root, verify: bool = False) -> list[CheckpointInfo]:
     """Every ``<model path>/cp=<tag>`` directory under ``root``, sorted by model path and tag
     (numbers in tags by value: ``E0_U100_S3200`` before ``E0_U1000_S32000``).
 
-    ``verify=True`` also checks each file of committed versions (size, CRC-32,
-    header); a failure is reported in ``problem`` and the state becomes ``corrupt``.
+    ``verify=True`` also checks each file of committed versions (size, header, and the
+    checksum of every piece); a failure is reported in ``problem`` and the state becomes ``corrupt``.
     """
     root = Path(root)
     if root.is_file():
@@ -102,7 +102,7 @@ def list_checkpoints(root, verify: bool = False) -> list[CheckpointInfo]:
             info.state = ("old" if kind == "old" else "committed") if complete else "incomplete"
             if complete and verify:
                 for entry in manifest["files"]:
-                    problem = verify_file(cp_dir / entry["path"], entry, manifest["save_id"])
+                    problem = verify_file(cp_dir / entry["path"], entry, manifest["save_id"], full=True)
                     if problem:
                         info.state, info.problem = "corrupt", problem
                         break

@@ -6,8 +6,9 @@ that share storage (every shadow is a view into one flat buffer). The format is 
 little-endian u64 header length, a JSON header padded with spaces to a multiple of
 8 bytes, then the tensors' raw bytes back to back. Writing it tensor by tensor keeps
 the extra memory at one tensor (its CPU copy when the shadow lives on an
-accelerator) and lets us checksum the bytes as they go out. Files are read back
-with ``safetensors.safe_open``.
+accelerator) and lets us checksum the bytes as they go out. A resume reads the
+header with :class:`SafetensorsHeader` and each piece straight into its shadow; other
+readers (consolidation, post-hoc) use ``safetensors.safe_open``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ._format import TEMP_SUFFIX, crc32_hex, numel, st_dtype, tensor_bytes
+from ._checksum import CRC32, CRC32C, as_hex, chunks, digest, hash_later, hex_digest
+from ._format import TEMP_SUFFIX, numel, st_dtype, tensor_bytes, torch_dtype
 
 _READ_CHUNK = 16 * 2**20
 
@@ -63,17 +65,102 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def range_digest(f, begin: int, end: int, algorithm: str) -> str:
+    """Checksum ``algorithm`` of the bytes ``[begin, end)`` of the open binary file ``f``, read in 16 MiB chunks."""
+    f.seek(begin)
+    value, left = 0, end - begin
+    while left > 0:
+        chunk = f.read(min(_READ_CHUNK, left))
+        if not chunk:
+            raise ValueError(f"{getattr(f, 'name', 'file')}: ended {left} bytes early (truncated)")
+        value = digest(algorithm, chunk, value)
+        left -= len(chunk)
+    return as_hex(value)
+
+
 def file_crc32(path: Path) -> tuple[int, str]:
-    """``(size, crc32 hex)`` of a whole file, read in 16 MiB chunks."""
-    crc, size = 0, 0
+    """``(size, zlib CRC-32 hex)`` of a whole file (format 1 files)."""
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_READ_CHUNK)
-            if not chunk:
-                break
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return size, crc32_hex(crc)
+        size = os.fstat(f.fileno()).st_size
+        return size, range_digest(f, 0, size, CRC32)
+
+
+MAX_HEADER_BYTES = 100 * 2**20
+"""A safetensors header larger than this is corrupt (safetensors' own limit)."""
+
+
+class SafetensorsHeader:
+    """The parsed header of a safetensors file: its bytes, tensor entries, metadata and data start.
+
+    Parsed here rather than by ``safetensors.safe_open`` because a resume reads each
+    piece straight into the shadow's memory (``readinto`` at the piece's offset): safetensors
+    can only return a new tensor, which would cost one more copy of every byte. Every
+    entry is checked against the file size, so a damaged header cannot make a read leave
+    the file's data.
+    """
+
+    def __init__(self, raw: bytes, file_size: int, path: Path):
+        self.raw = raw
+        self.data_start = len(raw)
+        try:
+            parsed = json.loads(raw[8:].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{path}: the safetensors header is not JSON ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        metadata = parsed.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{path}: the safetensors metadata is not a JSON object")
+        self.metadata: dict = metadata
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for name, entry in parsed.items():
+            try:
+                dtype = torch_dtype(entry["dtype"])
+                shape = [int(s) for s in entry["shape"]]
+                begin, end = (int(v) for v in entry["data_offsets"])
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ValueError(f"{path}: tensor {name!r} has a malformed header entry ({exc})") from None
+            if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != numel(shape) * dtype.itemsize \
+                    or self.data_start + end > file_size:
+                raise ValueError(f"{path}: tensor {name!r} has inconsistent data offsets {[begin, end]} for "
+                                 f"{entry['dtype']} {shape} in a file of {file_size} bytes")
+            self.entries[name] = (dtype, shape, self.data_start + begin, self.data_start + end)
+
+    @classmethod
+    def read(cls, f, path: Path) -> SafetensorsHeader:
+        """Read the header of the open binary file ``f`` (positioned anywhere)."""
+        file_size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: {file_size} bytes is too short for a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_HEADER_BYTES, file_size - 8):
+            raise ValueError(f"{path}: header length {length} does not fit a file of {file_size} bytes")
+        blob = f.read(length)
+        return cls(prefix + blob, file_size, path)
+
+
+def read_exactly(f, offset: int, into: memoryview, path: Path) -> None:
+    """Fill ``into`` with the bytes of ``f`` from ``offset``; a short file is an error naming it."""
+    f.seek(offset)
+    filled = 0
+    for part in chunks(into):
+        while len(part):
+            got = f.readinto(part)
+            if not got:
+                raise ValueError(f"{path}: ended {len(into) - filled} bytes early (truncated)")
+            filled += got
+            part = part[got:]
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What a finished safetensors write reports for the manifest (format 2)."""
+
+    size: int
+    header_crc32c: str
+    checksums: dict[str, str]  # tensor name -> CRC-32C of its bytes
 
 
 class SafetensorsStreamWriter:
@@ -81,9 +168,11 @@ class SafetensorsStreamWriter:
 
     ``entries`` lists ``(name, dtype, shape)``; the data is ordered by element size
     (largest first, then the given order) so every tensor is aligned to its element
-    size. Call :meth:`write` once per entry in :attr:`order`, then :meth:`close`,
-    which fsyncs and returns ``(size, crc32 hex of the whole file)``. The file is
-    written at ``path`` directly: callers give a temporary name and rename it.
+    size. Call :meth:`write` once per entry in :attr:`order`, then :meth:`close`, which
+    fsyncs and returns a :class:`WrittenFile`: the size, the CRC-32C of the header and of
+    each tensor. Each tensor is hashed on a background thread while it is written (see
+    [Note: checksums at disk speed]). The file is written at ``path`` directly: callers
+    give a temporary name and rename it.
     """
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],
@@ -112,17 +201,13 @@ class SafetensorsStreamWriter:
         self._shapes = {name: (dtype, tuple(int(s) for s in shape)) for name, dtype, shape in entries}
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)
+        head = struct.pack("<Q", len(blob)) + blob
+        self._header_crc32c = hex_digest(CRC32C, head)
+        self._checksums: dict[str, str] = {}
         self._file = open(path, "wb")
-        self._crc = 0
-        self._size = 0
+        self._file.write(head)
+        self._size = len(head)
         self._next = 0
-        self._emit(struct.pack("<Q", len(blob)))
-        self._emit(blob)
-
-    def _emit(self, data) -> None:
-        self._file.write(data)
-        self._crc = zlib.crc32(data, self._crc)
-        self._size += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be ``order[i]`` with the declared dtype and shape."""
@@ -135,19 +220,24 @@ class SafetensorsStreamWriter:
         data = tensor_bytes(tensor)
         if len(data) != self._sizes[name]:
             raise AssertionError(f"{name!r}: {len(data)} bytes, declared {self._sizes[name]}")
-        if len(data):
-            self._emit(data)
+        hashed = hash_later(CRC32C, data)  # runs while the same bytes are written
+        try:
+            for part in chunks(data):
+                self._file.write(part)
+        finally:
+            self._checksums[name] = hashed.result()  # one tensor in flight: memory stays bounded
+        self._size += len(data)
         self._next += 1
 
-    def close(self) -> tuple[int, str]:
-        """Flush and fsync the file; return ``(size in bytes, crc32 hex of the whole file)``."""
+    def close(self) -> WrittenFile:
+        """Flush and fsync the file; return its size and checksums."""
         if self._next != len(self.order):
             self._file.close()
             raise AssertionError(f"safetensors stream closed after {self._next} of {len(self.order)} tensors")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        return self._size, crc32_hex(self._crc)
+        return WrittenFile(self._size, self._header_crc32c, dict(self._checksums))
 
     def abort(self) -> None:
         """Close the file without checks (the caller removes it)."""
@@ -156,11 +246,11 @@ class SafetensorsStreamWriter:
 
 
 def write_safetensors_atomic(final: Path, entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],
-                             metadata: dict[str, str], tensor_of: Callable[[str], torch.Tensor]) -> tuple[int, str]:
+                             metadata: dict[str, str], tensor_of: Callable[[str], torch.Tensor]) -> WrittenFile:
     """Write one safetensors file, one tensor at a time: temporary name, fsync, rename, fsync the directory.
 
     ``tensor_of(name)`` gives each tensor when its turn comes (in the file's order), so only
-    one is needed at a time. Nothing is left behind on failure. Returns ``(size, crc32)``.
+    one is needed at a time. Nothing is left behind on failure. Returns the :class:`WrittenFile`.
     """
     temp = final.with_name(final.name + TEMP_SUFFIX)
     writer = SafetensorsStreamWriter(temp, entries, metadata)

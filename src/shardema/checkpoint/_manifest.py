@@ -110,22 +110,27 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
+Checksum = Annotated[str, Field(pattern=_HEX)]
+
+
 class PieceEntry(_Schema):
-    """Where one stored piece lies in its global tensor, and its checksum."""
+    """Where one stored piece lies in its global tensor, and its checksum (format 2: ``crc32c``; 1: ``crc32``)."""
 
     offset: Box
     shape: Box
-    crc32: Annotated[str, Field(pattern=_HEX)]
+    crc32c: Checksum | None = None
+    crc32: Checksum | None = None
 
 
 class FileEntry(_Schema):
-    """One rank's file of one factor."""
+    """One rank's file of one factor; format 2 checks its header (``header_crc32c``), format 1 the whole file."""
 
     path: Annotated[str, Field(max_length=256)]
     factor: float
     rank: NonNegative
     size: NonNegative
-    crc32: Annotated[str, Field(pattern=_HEX)]
+    header_crc32c: Checksum | None = None
+    crc32: Checksum | None = None
     pieces: dict[str, PieceEntry]
 
 
@@ -192,6 +197,18 @@ class ManifestSchema(_Schema):
     def _schedule_from_json(cls, value: Any) -> Any:
         # DecaySchedule is a pydantic model; JSON gives a mapping (strict mode would refuse it).
         return DecaySchedule.model_validate(value, strict=False) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _checksums_of_its_version(self) -> ManifestSchema:
+        file_key, piece_key = ("header_crc32c", "crc32c") if self.format_version >= 2 else ("crc32", "crc32")
+        for i, entry in enumerate(self.files):
+            if getattr(entry, file_key) is None:
+                raise ValueError(f"files.{i}.{file_key} is required by format_version {self.format_version}")
+            for fqn, piece in entry.pieces.items():
+                if getattr(piece, piece_key) is None:
+                    raise ValueError(f"files.{i}.pieces.{fqn}.{piece_key} is required by format_version "
+                                     f"{self.format_version}")
+        return self
 
     @model_validator(mode="after")
     def _own_path_listed(self) -> ManifestSchema:

@@ -3,10 +3,10 @@
 [Note: resharding rule]
 Every stored piece says where it lies in the global tensor: ``offset`` and ``shape``
 (its box ``[offset, offset + shape)``). This rank needs the box
-``[t.global_offset, t.global_offset + t.local_shape)`` of each tracked tensor. For
-each stored piece of the tensor (of the factor being loaded) that intersects it, the
-intersection is read with ``safe_open(...).get_slice(fqn)[...]`` and copied into
-the matching part of the shadow. The pieces of a committed save tile the tensor
+``[t.global_offset, t.global_offset + t.local_shape)`` of each tracked tensor. Each
+stored piece of the tensor (of the factor being loaded) that intersects it is read
+(see [Note: one read per byte]) and the intersection copied into the matching part
+of the shadow. The pieces of a committed save tile the tensor
 (checked when the manifest is read), so the copies fill the shadow exactly once.
 
 Which ranks run each step of ``resume_ema``:
@@ -15,9 +15,11 @@ Which ranks run each step of ``resume_ema``:
    broadcasts them (manifests included), so all ranks decide on the same data.
 2. For each candidate, all ranks: compare the saved structure with the EMA (same on
    every rank; a difference raises everywhere); verify the files, each rank a share
-   of them (size and CRC-32 of the whole file, header against the manifest); gather
+   of them (size, header checksum, header against the manifest; format 1: CRC-32 of
+   the whole file); gather
    the problems (agreement) and skip the candidate everywhere if any rank found one.
-3. All ranks read their slices; gather failures; skip the candidate if any.
+3. All ranks read their pieces, checking each one's checksum; gather failures; skip
+   the candidate if any.
 4. All ranks restore the step and the schedule and return the tag.
 
 :func:`load_ema` runs the same steps for one given tag, without fallback.
@@ -32,12 +34,14 @@ from pathlib import Path
 import torch
 
 from .. import _dist
+from .._bytes import writable_cpu_bytes
 from .._log import logger
 from .._shards import path_label
 from .._store import CheckpointLoad
 from ..config import DecaySchedule, check_model_paths
-from ._format import MANIFEST_NAME, RESUME_ORDER, box_overlap, cp_dirname, numel, tensor_crc32, validate_tag
-from ._io import file_crc32
+from ._checksum import CRC32C, LABELS, hash_later, hex_digest, piece_checksum
+from ._format import MANIFEST_NAME, RESUME_ORDER, box_overlap, cp_dirname, numel, validate_tag
+from ._io import SafetensorsHeader, file_crc32, range_digest, read_exactly
 from ._manifest import Candidate, find_candidates, saved_factor
 from ._table import Table, local_table, union_tables
 from ._writer import group_root
@@ -98,30 +102,48 @@ def _needed_files(ema, candidate: Candidate) -> list[tuple[Path, dict, str | Non
     return needed
 
 
-def verify_file(path: Path, entry: dict, save_id: str) -> str | None:
-    """Check one file against its manifest entry; return the problem, or None when it is intact."""
-    from safetensors import safe_open
+def verify_file(path: Path, entry: dict, save_id: str, full: bool = False) -> str | None:
+    """Check one file's size and header against its manifest entry; return the problem, or None.
 
+    Format 2: the header's CRC-32C; the data is checked piece by piece as a load reads it,
+    or here with ``full=True`` (``shardema inspect --verify``). Format 1: zlib's CRC-32 of
+    the whole file.
+    """
     try:
         if not path.is_file():
             return f"{path}: missing"
         size = path.stat().st_size
         if size != entry["size"]:
             return f"{path}: size {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
-        _, crc = file_crc32(path)
-        if crc != entry["crc32"]:
-            return f"{path}: CRC-32 {crc}, the manifest says {entry['crc32']} (corrupt)"
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            stored = json.loads(metadata.get("tensors", "{}"))
-            keys = set(f.keys())
+        if "header_crc32c" not in entry:
+            _, crc = file_crc32(path)
+            if crc != entry["crc32"]:
+                return f"{path}: CRC-32 {crc}, the manifest says {entry['crc32']} (corrupt)"
+        with open(path, "rb") as f:
+            header = SafetensorsHeader.read(f, path)
+        if "header_crc32c" in entry:
+            got = hex_digest(CRC32C, header.raw)
+            if got != entry["header_crc32c"]:
+                return f"{path}: header CRC-32C {got}, the manifest says {entry['header_crc32c']} (corrupt)"
+        metadata = header.metadata
+        stored = json.loads(metadata.get("tensors", "{}"))
         if metadata.get("save_id") != save_id:
             return f"{path}: belongs to save {metadata.get('save_id')!r}, not {save_id!r}"
         for fqn, piece in entry["pieces"].items():
-            got = stored.get(fqn)
-            if fqn not in keys or got is None or [got["offset"], got["shape"], got["crc32"]] != \
-                    [piece["offset"], piece["shape"], piece["crc32"]]:
+            got_piece = stored.get(fqn)
+            if fqn not in header.entries or not isinstance(got_piece, dict) \
+                    or [got_piece.get("offset"), got_piece.get("shape")] != [piece["offset"], piece["shape"]] \
+                    or header.entries[fqn][1] != piece["shape"] \
+                    or ("crc32" in piece and got_piece.get("crc32") != piece["crc32"]):
                 return f"{path}: piece {fqn!r} differs from the manifest"
+        if full and "header_crc32c" in entry:
+            with open(path, "rb") as f:
+                for fqn, piece in entry["pieces"].items():
+                    algorithm, expected = piece_checksum(piece)
+                    got = range_digest(f, header.entries[fqn][2], header.entries[fqn][3], algorithm)
+                    if got != expected:
+                        return f"{path}: piece {fqn!r} has {LABELS[algorithm]} {got}, the manifest says {expected} " \
+                               "(corrupt)"
     except Exception as exc:  # unreadable file: report, never raise
         return f"{path}: unreadable ({type(exc).__name__}: {exc})"
     return None
@@ -175,30 +197,62 @@ def plan_reads(ema, load: CheckpointLoad, candidate: Candidate) -> dict[Path, li
     return reads
 
 
+class _PieceCheck:
+    """A piece's checksum being computed on the hashing thread, and what it must equal."""
+
+    def __init__(self, path: Path, fqn: str, piece: dict, data: memoryview):
+        self.path, self.fqn = path, fqn
+        self.algorithm, self.expected = piece_checksum(piece)
+        self.future = hash_later(self.algorithm, data)
+
+    def check(self) -> None:
+        got = self.future.result()
+        if got != self.expected:
+            raise ValueError(f"{self.path}: {self.fqn!r} fails its {LABELS[self.algorithm]} check "
+                             f"({got}, the manifest says {self.expected}; corrupt)")
+
+
 @torch.no_grad()
 def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
-    """Read this rank's slices of every tracked tensor and factor into the shadows."""
-    from safetensors import safe_open
+    """Read this rank's slices of every tracked tensor and factor into the shadows.
 
+    [Note: one read per byte] A piece this rank needs whole, in the shadow's dtype, is
+    read straight into the shadow (``readinto``); any other piece (a partial overlap
+    after resharding, another stored dtype, an accelerator shadow) is read whole into a
+    host buffer and the overlap copied. Either way every piece read is checked against
+    its checksum, hashed on a background thread while the next piece is read; at most
+    one piece is in flight, so the extra memory is two pieces at most.
+    """
     reads = plan_reads(ema, load, candidate)
     for path in sorted(reads):
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # torch / safetensors raise RuntimeError or their own error types
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: gone while it was read (a newer save replaced it)") from None
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-        with handle as f:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: gone while it was read (a newer save replaced it)") from None
+        with f:
+            header = SafetensorsHeader.read(f, path)
+            pending: _PieceCheck | None = None
             for t, shadow, piece, (offset, shape) in reads[path]:
-                whole = list(shape) == piece["shape"]
-                if whole:
-                    data = f.get_tensor(t.fqn)
-                    if tensor_crc32(data) != piece["crc32"]:
-                        raise ValueError(f"{path}: {t.fqn!r} fails its CRC-32 check (corrupt)")
-                else:
-                    index = tuple(slice(o - p, o - p + s) for o, p, s in zip(offset, piece["offset"], shape))
-                    data = f.get_slice(t.fqn)[index]
-                _target_view(shadow, t, offset, shape).copy_(data.view(shape))
+                stored = header.entries.get(t.fqn)
+                if stored is None or stored[1] != piece["shape"]:
+                    raise ValueError(f"{path}: {t.fqn!r} is missing or has another shape than the manifest says")
+                dtype, _, begin, _ = stored
+                target = _target_view(shadow, t, offset, shape)
+                direct = list(shape) == piece["shape"] and target.device.type == "cpu" and \
+                    target.is_contiguous() and target.dtype == dtype
+                buffer = target if direct else torch.empty(piece["shape"], dtype=dtype)
+                data = writable_cpu_bytes(buffer)
+                read_exactly(f, begin, data, path)
+                if pending is not None:
+                    pending.check()
+                pending = _PieceCheck(path, t.fqn, piece, data)
+                if not direct:
+                    source = buffer
+                    for dim, (start, size) in enumerate(zip(offset, shape)):
+                        source = source.narrow(dim, start - piece["offset"][dim], size)
+                    target.copy_(source)
+            if pending is not None:
+                pending.check()
 
 
 def _discover(root: Path, model_paths, tags) -> tuple[list[Candidate], list[str]]:

@@ -57,7 +57,6 @@ from ._format import (
     parse_cp_dirname,
     rank_filename,
     staging_dirname,
-    tensor_crc32,
     validate_tag,
 )
 from ._io import fsync_dir, make_dirs, write_bytes_atomic, write_safetensors_atomic
@@ -178,7 +177,7 @@ def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, wo
     pieces = {}
     for t in writers:
         pieces[t.fqn] = {
-            "offset": list(t.global_offset), "shape": list(t.local_shape), "crc32": tensor_crc32(shadows[t.fqn]),
+            "offset": list(t.global_offset), "shape": list(t.local_shape),
             "global_shape": list(t.global_shape), "dtype": dtype_name(shadows[t.fqn].dtype),
             "blended": t.blended, "is_buffer": t.is_buffer, "mesh_shape": mesh_shape(t),
             "placements": None if t.placements is None else str(tuple(t.placements)),
@@ -187,6 +186,8 @@ def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, wo
     for t in writers:
         if t.mesh is not None and mesh_shape(t) not in mesh_shapes:
             mesh_shapes.append(mesh_shape(t))
+    # Format 2: the checksums live in the manifest only (computed while the bytes are
+    # written); the manifest's header checksum covers this metadata.
     metadata = {
         "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "save_id": plan["save_id"],
         "tag": plan["tag"], "model_path": json.dumps(mp), "factor": factor_name(factor), "step": str(ema.step),
@@ -196,11 +197,11 @@ def _write_file(ema, staging: Path, mp, factor: float, plan: dict, rank: int, wo
     directory = staging / ema_dirname(factor)
     make_dirs(directory)
     final = directory / rank_filename(rank, world)
-    size, crc = write_safetensors_atomic(final, [(t.fqn, shadows[t.fqn].dtype, t.local_shape) for t in writers],
-                                         metadata, shadows.__getitem__)
+    written = write_safetensors_atomic(final, [(t.fqn, shadows[t.fqn].dtype, t.local_shape) for t in writers],
+                                       metadata, shadows.__getitem__)
     return {"model_path": mp, "path": f"{ema_dirname(factor)}/{final.name}", "factor": float(factor),
-            "rank": rank, "size": size, "crc32": crc,
-            "pieces": {fqn: {"offset": p["offset"], "shape": p["shape"], "crc32": p["crc32"]}
+            "rank": rank, "size": written.size, "header_crc32c": written.header_crc32c,
+            "pieces": {fqn: {"offset": p["offset"], "shape": p["shape"], "crc32c": written.checksums[fqn]}
                        for fqn, p in pieces.items()}}
 
 

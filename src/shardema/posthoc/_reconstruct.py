@@ -36,7 +36,6 @@ from ..checkpoint._format import (
     old_dirname,
     rank_filename,
     staging_dirname,
-    tensor_crc32,
     validate_tag,
 )
 from ..checkpoint._io import fsync_dir, make_dirs, write_bytes_atomic, write_safetensors_atomic
@@ -254,36 +253,23 @@ def _write_rank_file(combiner: _Combiner, staging: Path, source: dict, plan: Rec
                      tag: str, world: int) -> dict:
     """One rank's file of the output: the same pieces as the source snapshot's file of that rank.
 
-    Two passes, one piece in memory at a time: the file's header lists every piece's CRC-32,
-    so the pieces are combined once for their checksums, then again as they are written
-    (the float64 combination is deterministic; a difference would be a bug and raises).
+    One piece in memory at a time; each piece's checksum is computed as it is written.
     """
     directory = staging / ema_dirname(plan.sigma_rel)
     make_dirs(directory)
     final = directory / rank_filename(source["rank"], world)
     boxes = {fqn: (piece["offset"], piece["shape"]) for fqn, piece in source["pieces"].items()}
-    listed = {}
-    entries = []
-    for fqn, (offset, shape) in boxes.items():
-        piece = combiner.box(fqn, offset, shape)
-        listed[fqn] = {"offset": offset, "shape": shape, "crc32": tensor_crc32(piece)}
-        entries.append((fqn, piece.dtype, list(piece.shape)))
-        del piece
-
-    def piece_of(fqn: str) -> torch.Tensor:
-        piece = combiner.box(fqn, *boxes[fqn])
-        if tensor_crc32(piece) != listed[fqn]["crc32"]:
-            raise RuntimeError(f"{fqn!r}: the reconstruction of one piece differed between two passes")
-        return piece
-
+    entries = [(fqn, combiner.out_dtype(fqn), list(shape)) for fqn, (_, shape) in boxes.items()]
+    listed = {fqn: {"offset": offset, "shape": shape} for fqn, (offset, shape) in boxes.items()}
     metadata = {"format": "shardema-ema", "format_version": str(FORMAT_VERSION), "save_id": save_id, "tag": tag,
                 "model_path": json.dumps(plan.model_path), "factor": factor_name(plan.sigma_rel),
                 "step": str(plan.step), "schedule": json.dumps(combiner.newest.manifest["schedule"]),
                 "world_size": str(world), "rank": str(source["rank"]),
                 "tensors": json.dumps(listed, separators=(",", ":"))}
-    size, crc = write_safetensors_atomic(final, entries, metadata, piece_of)
+    written = write_safetensors_atomic(final, entries, metadata, lambda fqn: combiner.box(fqn, *boxes[fqn]))
     return {"path": f"{ema_dirname(plan.sigma_rel)}/{final.name}", "factor": plan.sigma_rel,
-            "rank": source["rank"], "size": size, "crc32": crc, "pieces": listed}
+            "rank": source["rank"], "size": written.size, "header_crc32c": written.header_crc32c,
+            "pieces": {fqn: {**box, "crc32c": written.checksums[fqn]} for fqn, box in listed.items()}}
 
 
 @torch.no_grad()
@@ -297,8 +283,7 @@ def reconstruct_to_checkpoint(root, sigma_rel: float, out_root, tag: str = "late
     with ``tag``) loads it at any world size, and ``swapped(sigma_rel)`` swaps it in.
     Committed like a save (staging directory, manifest last, rename) under the writer
     lock; an existing ``cp=<tag>`` is kept unless ``overwrite``. Memory: one piece at a
-    time (each is combined twice: once for the checksums the file header lists, once to
-    write it). Returns the directory.
+    time. Returns the directory.
     """
     validate_tag(tag)
     plan = plan_reconstruction(root, sigma_rel, step, model_path)
