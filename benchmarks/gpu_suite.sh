@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU benchmark suite: update latency (roofline, peers, K factors, bf16) and swap /
-# checkpoint on one CUDA device, in under 5 minutes. Results go to
+# GPU suite: the CUDA-only tests, then the benchmarks: update latency (roofline, peers, K
+# factors, bf16), swap, checkpoint (device -> pinned host staging, CRC-32C at disk speed,
+# asynchronous save stall against a blocking one) on one CUDA device, in under 7 minutes. Results go to
 # benchmarks/results/cuda/ and the CUDA results section of docs/benchmarks.md.
 #
 #   bash benchmarks/gpu_suite.sh            # full GPU suite
@@ -16,5 +17,9 @@ import torch
 assert torch.cuda.is_available(), "gpu_suite.sh needs a CUDA device (torch.cuda.is_available() is False)"
 print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
-# Each benchmark has its own limit inside run_all; the whole suite must end within 5 minutes.
+# The CUDA-only tests first (pinned swap backups, device update plans, pinned async-save
+# staging; skipped on CPU machines), then the benchmarks.
+timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
+  tests/unit/test_kernels.py tests/unit/test_swap_unit.py tests/unit/test_async_save.py
+# Each benchmark has its own limit inside run_all; the whole suite must end within 7 minutes.
 exec timeout 295 "$PYTHON" benchmarks/run_all.py --device cuda --no-progress --timeout 170 "$@"

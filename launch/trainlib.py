@@ -145,8 +145,9 @@ class CheckpointManager:
     [Note: model and EMA at the same update]
     The EMA is saved by ``EmaCallback`` inside ``runner.after_update``, the model right after;
     a kill between the two leaves ``cp=latest`` of the EMA one interval ahead of the newest
-    model checkpoint. On resume the EMA is therefore loaded from the iteration tag of the
-    model's update (``save_weights: true`` on the checkpoint schedule) whenever ``cp=latest``
+    model checkpoint. An asynchronous EMA save (``async_save: true``) overlaps the model's
+    state-dict gathering and is waited for before DCP writes, so the EMA is never behind.
+    On resume the EMA is therefore loaded from the iteration tag of the model's update (``save_weights: true`` on the checkpoint schedule) whenever ``cp=latest``
     is at another step, so the continued run has exactly the EMA it would have had.
     """
 
@@ -169,6 +170,8 @@ class CheckpointManager:
             os.replace(tmp, path / "trainer_state.json")
         dist.barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
+        for cb in _ema_callbacks(runner):  # an asynchronous EMA save must commit before the model does
+            cb.wait_for_saves()
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
         dist.barrier()
         if dist.get_rank() == 0:

@@ -136,3 +136,21 @@ def test_staging_copies_every_shadow_and_reuses_its_buffers():
     assert all(torch.equal(second.shadow(k, t.key), ema.shadow(k, t.key))
                for k in range(len(FACTORS)) for t in ema.tracked())
     assert second.nbytes == ema.shadow_bytes + ema.copied_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu_suite.sh)")
+def test_cuda_shadows_are_staged_in_pinned_memory_and_written_exactly(tmp_path):
+    model = _model().cuda()
+    ema = shardema.ShardedEMA(model, FACTORS)
+    for k in range(2):
+        _step(model, ema, k)
+    staged = {key: value.cpu() for key, value in _state(ema).items()}
+    staging = ema.store.stage()
+    assert staging.flats and all(t.is_pinned() for t in staging.flats)
+    handle = ema.save(tmp_path, "latest", blocking=False)
+    _step(model, ema, 2)  # the device shadows change while the staged copy is written
+    assert handle.wait(timeout=120) == "latest"
+    resumed = shardema.ShardedEMA(_model(), FACTORS)  # on the CPU: the checkpoint is device-free
+    assert resumed.resume(tmp_path, strict=True) == "latest" and resumed.step == 2
+    for (f, fqn), value in staged.items():
+        assert torch.equal(resumed.shadow(f, (None, fqn)), value), (f, fqn)

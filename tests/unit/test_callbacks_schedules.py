@@ -163,6 +163,29 @@ def test_keep_last_n_weights_keeps_the_newest_and_only_iteration_tags(tmp_path):
     assert ("0", "E0_U3_S99") not in states  # the earlier run's tag went first
 
 
+def test_async_saves_write_each_positions_values_and_retention_counts_only_committed_tags(tmp_path):
+    root = tmp_path / "ema"
+    runner, model = _retention_runner(root, keep=2, async_save=True)
+    runner.before_training()
+    cb: EmaCallback = runner[0]
+    at = {}
+    for u in range(5):
+        _set_live(model, u + 1)
+        runner.after_update()
+        at[runner.update_counter.iteration_tag] = (cb.ema.step, _shadows(cb.ema, 0.9))
+        # never more than the 2 kept committed tags plus the one in flight
+        assert len(cb.iteration_tags_on_disk()) <= 3
+    runner.after_training()  # waits for the save in flight, then cp=last (blocking)
+    expected = ["cp=E0_U4_S16", "cp=E0_U5_S20", "cp=last", "cp=latest"]
+    assert _label_dirs(root) == {"0": expected, "2": expected}
+    for tag in ("E0_U4_S16", "E0_U5_S20", "latest", "last"):
+        reader = shardema.ShardedEMA(_model(), [0.9], model_paths=["0", "2"])
+        assert load_ema(reader, root, tag) == tag
+        step, shadows = at.get(tag, at["E0_U5_S20"])
+        assert reader.step == step
+        _assert_close(_shadows(reader, 0.9), shadows, atol=0)
+
+
 def test_pruning_happens_after_the_commit_and_a_crash_leaves_extra_never_fewer(tmp_path, monkeypatch, caplog):
     root = tmp_path / "ema"
     runner, model = _retention_runner(root, keep=1)

@@ -144,6 +144,13 @@ class EmaCallbackConfig(PeriodicCallbackConfig, EMAConfig):
     callback needs a root of its own)."""
     strict_resume: StrictBool = False
     """On resume, raise instead of warning when no committed checkpoint exists."""
+    async_save: StrictBool = False
+    """Write the periodic saves (iteration tags, ``cp=latest``) and the post-hoc snapshots
+    asynchronously: ``ema.save(..., blocking=False)`` stages a host copy and a background thread
+    commits it while training goes on (see docs/api.md). ``cp=last`` stays blocking; each save
+    waits for the previous one (two tags at one position: the second waits for the first);
+    ``keep_last_n_weights`` prunes at the next position, once the previous save has committed;
+    :meth:`EmaCallback.wait_for_saves` waits for the one in flight."""
     keep_last_n_weights: PositiveStrictInt | None = None
     """Keep only the newest n iteration-tag checkpoints (``cp=E{e}_U{u}_S{s}``, written by
     ``save_weights``): after each new one is committed, older iteration tags under ``root`` are

@@ -135,7 +135,11 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
         position = update_counter.iteration_tag
         if self._saved_at.get(tag) == position:
             return False  # e.g. the update and the epoch schedule fire at the same update: one save is enough
-        self._require_ema("save").save(self.root, tag)
+        ema = self._require_ema("save")
+        if tag == "last" or not self.config.async_save:
+            ema.save(self.root, tag)
+        else:
+            ema.save(self.root, tag, blocking=False)
         self._saved_at[tag] = position
         self.saved_tags.append(tag)
         return True
@@ -285,7 +289,16 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
 
         assert self.root is not None  # checked in __init__
         dtype = None if self.config.snapshot_dtype is None else getattr(torch, self.config.snapshot_dtype)
-        self.saved_tags.append(save_snapshot(ema, self.root, dtype=dtype))
+        saved = save_snapshot(ema, self.root, dtype=dtype, blocking=not self.config.async_save)
+        self.saved_tags.append(saved if isinstance(saved, str) else saved.tag)
+
+    def wait_for_saves(self) -> None:
+        """Collective: wait until this callback's asynchronous save in flight (if any) has committed.
+
+        Raises its error if it failed. A no-op without ``async_save``.
+        """
+        if self.ema is not None:
+            self.ema.wait_for_save()
 
     @torch.no_grad()
     def after_update(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
@@ -311,6 +324,12 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
         if interval_type is IntervalType.EVAL:
             return
         saved_weights = False
+        if self.config.async_save:
+            # The previous position's save must commit before pruning (it takes the writer lock and
+            # counts only committed tags) and before the next save (which would wait for it anyway).
+            self.wait_for_saves()
+            if self.save_weights:
+                self.prune_weights()
         if self.save_weights:
             tag = update_counter.iteration_tag
             saved_weights = self._save(tag, update_counter)
@@ -320,12 +339,16 @@ class EmaCallback(PeriodicCallback, kind="EmaCallback"):
                 self._iteration_tags.append(tag)
         if self.save_latest_weights:
             self._save("latest", update_counter)
-        if saved_weights:
+        if saved_weights and not self.config.async_save:
             self.prune_weights()  # last: every save of this position is committed before anything is deleted
 
     @torch.no_grad()
     def after_training(self, *, update_counter: UpdateCounter, values: Mapping[str, Any] = NO_VALUES) -> None:
-        """Save ``cp=last`` when ``save_last_weights``; forward to the children with live weights."""
+        """Wait for a save in flight; save ``cp=last`` when ``save_last_weights``; forward to the
+        children with live weights."""
+        self.wait_for_saves()
+        if self.config.async_save and self.save_weights:
+            self.prune_weights()  # the last asynchronous save has committed
         if self.save_last_weights:
             self._save("last", update_counter)
         self._forward(Hook.AFTER_TRAINING, update_counter, values)

@@ -23,13 +23,14 @@ def snapshot_tag(step: int) -> str:
     return f"{SNAPSHOT_PREFIX}{int(step):09d}"
 
 
-def save_snapshot(ema, root, *, dtype: torch.dtype | None = None) -> str:
+def save_snapshot(ema, root, *, dtype: torch.dtype | None = None, blocking: bool = True):
     """Collective: save a post-hoc snapshot of ``ema`` (every profile) as ``cp=snapshot-<step>``.
 
     A snapshot is an ordinary checkpoint (per-rank safetensors, atomic commit).
     ``dtype``: store the profiles in a lower precision (``torch.bfloat16`` or
     ``torch.float16`` halve the size; docs/posthoc.md gives the error this adds).
-    Returns the tag.
+    Returns the tag; with ``blocking=False`` an asynchronous save's
+    :class:`~shardema.SaveHandle` (see ``ShardedEMA.save``).
     """
     if ema.config.sigma_rels is None:
         raise ValueError("post-hoc snapshots need power-function profiles: build the EMA with "
@@ -38,7 +39,7 @@ def save_snapshot(ema, root, *, dtype: torch.dtype | None = None) -> str:
     if ema.step == 0:
         raise ValueError("no update has run yet: a snapshot at step 0 holds no average; save snapshots after "
                          "ema.update()")
-    return ema.save(root, snapshot_tag(ema.step), dtype=dtype)
+    return ema.save(root, snapshot_tag(ema.step), dtype=dtype, blocking=blocking)
 
 
 @dataclass(frozen=True)
