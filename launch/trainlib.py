@@ -148,7 +148,8 @@ class CheckpointManager:
     model checkpoint. An asynchronous EMA save (``async_save: true``) overlaps the model's
     state-dict gathering and is waited for before DCP writes, so the EMA is never behind.
     On resume the EMA is therefore loaded from the iteration tag of the model's update
-    (``save_weights: true`` on the checkpoint schedule) whenever ``cp=latest`` is at another step, so the continued run has exactly the EMA it would have had.
+    (``save_weights: true`` on the checkpoint schedule) whenever ``cp=latest`` is at another
+    step, so the continued run has exactly the EMA it would have had.
     """
 
     def __init__(self, directory: Path, keep: int = 2):
