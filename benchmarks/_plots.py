@@ -52,7 +52,11 @@ class Line:
 
 @dataclass
 class Panel:
-    """One axes of line plots over the same ``xs`` (also the x ticks)."""
+    """One axes of line plots over the same ``xs`` (also the x ticks).
+
+    ``log``: log y axis; ``log_x``: log x axis (the ticks keep the values of ``xs`` as labels);
+    ``hlines``: ``ax.axhline`` keywords (``y``, style and ``label``).
+    """
 
     xs: Sequence[float]
     lines: list[Line]
@@ -60,6 +64,8 @@ class Panel:
     ylabel: str
     title: str
     log: bool = False
+    log_x: bool = False
+    hlines: Sequence[dict] = ()
 
 
 def _save(plt, fig, out_dir: Path, name: str) -> list[str]:
@@ -118,6 +124,13 @@ def lines(out_dir: Path, name: str, panels: list[Panel], *, figsize: tuple[float
     for ax, panel in zip(axes[0], panels):
         for line in panel.lines:
             ax.plot(panel.xs, line.values, label=line.label, **line.style)
-        ax.set_xticks(panel.xs)
+        for hline in panel.hlines:
+            ax.axhline(**hline)
+        if panel.log_x:
+            ax.set_xscale("log")
+            ax.minorticks_off()  # the labelled ticks are the xs; unlabelled minor ticks only add noise
+            ax.set_xticks(panel.xs, [f"{x:g}" for x in panel.xs])
+        else:
+            ax.set_xticks(panel.xs)
         _label(ax, panel.ylabel, panel.title, panel.log, legend, xlabel=panel.xlabel)
     return _save(plt, fig, out_dir, name)

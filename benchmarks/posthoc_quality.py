@@ -28,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
+import _plots
 import shardema
 from shardema import posthoc
 
@@ -109,24 +110,21 @@ def main(argv=None) -> None:
                          + f" | {rows[0.07]['profile_fit_error']:.2e} |")
     (args.out / "posthoc_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
+    plots(runs, args.out)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def plots(runs: list[dict], out_dir: Path) -> list[str]:
+    """The error of the 0.07 reconstruction against the snapshots per profile, one line per snapshot dtype."""
+    first = [row for row in runs[0]["rows"] if row["target"] == 0.07]
+    xs = [row["snapshots_per_profile"] for row in first]
+    lines = []
     for r in runs:
-        rows = [row for row in r["rows"] if row["target"] == 0.07]
-        ax.loglog([row["snapshots_per_profile"] for row in rows], [row["error"] for row in rows], "o-",
-                  label=f"{r['dtype']} snapshots")
-    ax.axhline(0.01, color="gray", linestyle=":", label="target 0.01")
-    ax.set_xlabel("snapshots per profile")
-    ax.set_ylabel("||rec 0.07 - tracked 0.07|| / ||0.05 - 0.10||")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "posthoc_quality.png", dpi=110)
+        rows = {row["snapshots_per_profile"]: row for row in r["rows"] if row["target"] == 0.07}
+        lines.append(_plots.Line([rows[x]["error"] for x in xs], f"{r['dtype']} snapshots"))
+    panel = _plots.Panel(xs, lines, xlabel="snapshots per profile",
+                         ylabel="||rec 0.07 - tracked 0.07|| / ||0.05 - 0.10||", title="reconstruction of 0.07",
+                         log=True, log_x=True, hlines=[{"y": 0.01, **_plots.TARGET_LINE, "label": "target 0.01"}])
+    return _plots.lines(out_dir, "posthoc_quality.png", [panel], figsize=(6, 4), legend={})
 
 
 if __name__ == "__main__":

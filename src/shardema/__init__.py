@@ -1,6 +1,8 @@
 """shardema: exponential moving averages of model weights for sharded PyTorch training."""
 
+import sys
 import warnings
+from typing import TYPE_CHECKING
 
 with warnings.catch_warnings():
     # Without numpy, `import torch` warns "Failed to initialize NumPy"; shardema never needs
@@ -32,3 +34,13 @@ __all__ = [
     "reshard_fsdp",
 ]
 __version__ = "0.2.0"
+
+if not TYPE_CHECKING:  # run time only: for mypy a misspelt name stays an error
+
+    def __getattr__(name: str):
+        """Called for missing names only: ``LiveTensor`` (renamed in 0.2) raises naming ``TrackedTensor``."""
+        if name == "LiveTensor":
+            # An ImportError: `from shardema import LiveTensor` would drop an AttributeError's message.
+            raise ImportError("shardema.LiveTensor was renamed to TrackedTensor in shardema 0.2: the type of the "
+                              "items of ema.tracked(), shardema._shards.TrackedTensor", name=__name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}", name=name, obj=sys.modules[__name__])

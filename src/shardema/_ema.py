@@ -22,7 +22,15 @@ from ._log import logger
 from ._shards import Model, TrackedTensor, model_parts, path_label
 from ._store import CheckpointLoad, Key, ShadowStore, StagedShadows
 from ._swap import SwapInfo, swap_session
-from .config import RENAMED_OPTIONS, SCHEDULE_FIELDS, DecaySchedule, EMAConfig, check_model_paths, factors_match
+from .config import (
+    RENAMED_OPTIONS,
+    SCHEDULE_FIELDS,
+    DecaySchedule,
+    EMAConfig,
+    check_model_paths,
+    factors_match,
+    missing_attribute,
+)
 
 if TYPE_CHECKING:
     from .checkpoint._async import SaveHandle
@@ -191,6 +199,12 @@ class ShardedEMA:
     def upcast_buffer_bytes(self) -> int:
         """Bytes of the bounded buffers that upcast bf16/fp16 live shards in ``update()`` (0 when dtypes match)."""
         return self._store.upcast_buffer_bytes
+
+    if not TYPE_CHECKING:  # run time only: for mypy a misspelt attribute stays an error
+
+        def __getattr__(self, name: str):
+            """Called for missing attributes only: a name renamed in 0.2 raises naming the new one."""
+            raise missing_attribute(self, name)
 
     # ------------------------------------------------------------------ lookup
     def factor_index(self, factor: float) -> int:

@@ -47,7 +47,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -57,6 +57,7 @@ from ._kernels import exchange_
 from ._log import logger
 from ._shards import TrackedTensor, path_label
 from ._store import ShadowStore
+from .config import missing_attribute
 
 SwapMode = Literal["in_place", "backup", "mixed"]
 
@@ -126,6 +127,12 @@ class SwapInfo:
     def extra_bytes(self) -> int:
         """Memory the swap holds on this rank from entry to exit (exchange buffers + backups)."""
         return self.exchange_buffer_bytes + self.backup_bytes
+
+    if not TYPE_CHECKING:  # run time only: for mypy a misspelt attribute stays an error
+
+        def __getattr__(self, name: str):
+            """Called for missing attributes only: a name renamed in 0.2 raises naming the new one."""
+            raise missing_attribute(self, name)
 
 
 # An exchange segment: (pair index, start, length, offset in the scratch view).

@@ -56,6 +56,20 @@ RENAMED_OPTIONS = {
 }
 """Option names of shardema 0.1 that were renamed: old -> new (the old ones are rejected, naming the new)."""
 
+RENAMED_ATTRIBUTES = {
+    "ShardedEMA": {"scratch_bytes": "upcast_buffer_bytes"},
+    "SwapInfo": {"scratch_bytes": "exchange_buffer_bytes"},
+}
+"""Attributes of shardema 0.1 that were renamed: class -> old -> new (reading an old one raises, naming the new)."""
+
+
+def missing_attribute(obj: object, name: str) -> AttributeError:
+    """Python's error for a missing ``obj.name``, naming the new name when ``name`` was renamed in 0.2."""
+    owner = type(obj).__name__
+    new = RENAMED_ATTRIBUTES.get(owner, {}).get(name)
+    hint = f"; it was renamed to {new!r} in shardema 0.2" if new else ""
+    return AttributeError(f"{owner!r} object has no attribute {name!r}{hint}", name=name, obj=obj)
+
 FACTOR_MATCH_TOLERANCE = 1e-12
 """Two factors closer than this are the same factor in lookups (``swapped(0.9999)``, checkpoints);
 factors of one EMA must therefore be further apart."""

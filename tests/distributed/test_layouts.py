@@ -4,10 +4,12 @@ Each layout trains a few steps with deterministic perturbations applied through 
 placement logic (``distribute_tensor``), then checks, against a float64 replica of the full
 tensors:
 - the EMA (read back through ``ema.swapped`` and torch's ``full_tensor()`` all-gather);
-- the swap (forward equal to an unsharded reference model holding the EMA weights);
+- the swap (each rank's forward equal to an unsharded reference model, or reference stage,
+  holding the float64 reference EMA);
 - the memory (exactly local numel x K x 4 bytes per rank);
-- the checkpoint: consolidated without a process group, loaded with ``strict=True``, and
-  resumed bit-exact under other layouts and world sizes.
+- the checkpoint: the shadows held at the save equal the consolidated tensors bit for bit;
+  ``shardema consolidate`` writes a file equal to ``load_consolidated`` that loads with
+  ``strict=True``; resumes under other layouts and world sizes are bit-exact.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class Net(nn.Module):
     def forward(self, x):
         for layer in self.layers.values():
             x = x + layer(x)
-        return self.head(x)
+        # A pipeline stage without the head (see _stage) hands its hidden state to the next stage.
+        return self.head(x) if "head" in self._modules else x
 
 
 class MoE(nn.Module):
@@ -59,6 +62,19 @@ class MoE(nn.Module):
         torch.manual_seed(0)
         self.dense = nn.Linear(6, 6)
         self.experts = nn.Parameter(torch.randn(experts, 6, 6) * 0.1)
+
+    def forward(self, x):
+        # No router: every token goes through every expert and the outputs are averaged.
+        from torch.distributed.tensor import DTensor, Shard
+
+        h = torch.relu(self.dense(x))
+        experts = self.experts
+        if not isinstance(experts, DTensor):
+            return torch.einsum("bi,eoi->beo", h, experts).mean(dim=1)
+        # Expert parallel: each rank runs its own experts, then the outputs are gathered along
+        # the expert dim of the ep mesh (the exchange that all-to-all routing does).
+        local = torch.einsum("bi,eoi->beo", h, experts.to_local())
+        return DTensor.from_local(local, experts.device_mesh, [Shard(1)]).full_tensor().mean(dim=1)
 
 
 def _delta(name: str, shape, step: int) -> torch.Tensor:
@@ -125,8 +141,29 @@ def _check_ema_through_swap(parts, ema, reference) -> int:
     return checked
 
 
+def _check_forward(ema, pairs, reference, x, factor: float = 0.99) -> int:
+    """The swap exposes the EMA to the sharded forward: each (part, reference part) pair gives the same
+    output on ``x``, the reference part unsharded and holding the float64 reference EMA."""
+    for _, reference_part in pairs:
+        reference_part.load_state_dict({n: reference[factor][n].float() for n, _ in reference_part.named_parameters()})
+    with torch.no_grad(), ema.swapped(factor):
+        for part, reference_part in pairs:
+            torch.testing.assert_close(part(x), reference_part(x), rtol=1e-5, atol=1e-5)
+    return len(pairs)
+
+
+def _input(width: int = 8) -> torch.Tensor:
+    return torch.randn(5, width, generator=torch.Generator().manual_seed(1))
+
+
 def _shadows(ema) -> dict:
     return {f"{f}|{t.fqn}|{t.global_offset}": ema.shadow(f, t.key).clone() for f in FACTORS for t in ema.tracked()}
+
+
+def _saved(ema, root) -> dict:
+    """Save; return what the EMA held (step, shadows) for the bit-exact comparison with the files."""
+    ema.save(root, "latest")
+    return {"step": ema.step, "shadows": _shadows(ema)}
 
 
 # ---------------------------------------------------------------------------------- the layouts
@@ -151,13 +188,8 @@ def fsdp_tp_2d(root):
     _train([model], ema)
     reference = _reference(reference_model, dict(reference_model.named_parameters()))
     checked = _check_ema_through_swap([model], ema, reference)
-    # The swap exposes the EMA to the sharded forward: equal to the unsharded reference model.
-    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
-    reference_model.load_state_dict({n: reference[0.99][n].float() for n, _ in reference_model.named_parameters()})
-    with torch.no_grad(), ema.swapped(0.99):
-        torch.testing.assert_close(model(x), reference_model(x), rtol=1e-5, atol=1e-5)
-    ema.save(root, "latest")
-    return {"placements": placements, "checked": checked, "shadow_bytes": ema.shadow_bytes}
+    forwards = _check_forward(ema, [(model, reference_model)], reference, _input())
+    return {"placements": placements, "checked": checked, "forwards": forwards, **_saved(ema, root)}
 
 
 def hsdp_tp_3d(root):
@@ -180,9 +212,9 @@ def hsdp_tp_3d(root):
     _train([model], ema)
     reference = _reference(reference_model, dict(reference_model.named_parameters()))
     checked = _check_ema_through_swap([model], ema, reference)
-    ema.save(root, "latest")
-    return {"checked": checked, "writes": sum(t.writes_checkpoint for t in ema.tracked()),
-            "mesh_dims": sorted({len(p.placements) for p in model.parameters()})}
+    forwards = _check_forward(ema, [(model, reference_model)], reference, _input())
+    return {"checked": checked, "forwards": forwards, "writes": sum(t.writes_checkpoint for t in ema.tracked()),
+            "mesh_dims": sorted({len(p.placements) for p in model.parameters()}), **_saved(ema, root)}
 
 
 def _stage(model: Net, keep: list[int], with_head: bool) -> Net:
@@ -214,8 +246,10 @@ def pipeline_dp(root, split):
     full = Net()
     reference = _reference(full, dict(full.named_parameters()))
     checked = _check_ema_through_swap([model], ema, reference)
-    ema.save(root, "latest")
-    return {"checked": checked, "fqns": sorted(t.fqn for t in ema.tracked())}
+    # This stage's forward against the same layers of an unsharded Net.
+    forwards = _check_forward(ema, [(model, _stage(Net(), keep, with_head=stage == 1))], reference, _input())
+    return {"checked": checked, "forwards": forwards, "fqns": sorted(t.fqn for t in ema.tracked()),
+            **_saved(ema, root)}
 
 
 def pipeline_two_parts(root):
@@ -231,8 +265,10 @@ def pipeline_two_parts(root):
     full = Net()
     reference = _reference(full, dict(full.named_parameters()))
     checked = _check_ema_through_swap([first, second], ema, reference)
-    ema.save(root, "latest")
-    return {"checked": checked, "fqns": sorted(t.fqn for t in ema.tracked())}
+    pairs = [(first, _stage(Net(), [rank], with_head=False)), (second, _stage(Net(), [rank + 2], with_head=rank == 1))]
+    forwards = _check_forward(ema, pairs, reference, _input())
+    return {"checked": checked, "forwards": forwards, "fqns": sorted(t.fqn for t in ema.tracked()),
+            **_saved(ema, root)}
 
 
 def expert_parallel(root):
@@ -255,8 +291,8 @@ def expert_parallel(root):
     full = MoE()
     reference = _reference(full, dict(full.named_parameters()))
     checked = _check_ema_through_swap([model], ema, reference)
-    ema.save(root, "latest")
-    return {"checked": checked, "meshes": len(meshes)}
+    forwards = _check_forward(ema, [(model, full)], reference, _input(6))
+    return {"checked": checked, "forwards": forwards, "meshes": len(meshes), **_saved(ema, root)}
 
 
 def resume_fsdp(root, expect_root):
@@ -294,19 +330,36 @@ def resume_stages(root, split):
 
 # ---------------------------------------------------------------------------------- helpers (pytest side)
 def _consolidated(root, model_class):
+    """``load_consolidated`` per factor; ``shardema consolidate`` writes the same tensors, bit for bit,
+    to a file that loads into the unsharded model with ``strict=True``."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     from shardema import load_consolidated
+    from shardema.cli import main as cli_main
 
     out = {}
-    for f in FACTORS:
-        weights = load_consolidated(root, factor=f)
-        model = model_class()
-        model.load_state_dict(weights, strict=True)  # every tensor, every name: loads strictly
-        out[f] = weights
+    with tempfile.TemporaryDirectory() as out_dir:
+        for f in FACTORS:
+            weights = load_consolidated(root, factor=f)
+            path = Path(out_dir) / f"ema-{f}.safetensors"
+            assert cli_main(["consolidate", str(root), "--factor", str(f), "--out", str(path), "--no-progress"]) == 0
+            from_file = load_file(path)
+            assert sorted(from_file) == sorted(weights)
+            for name, value in weights.items():
+                assert from_file[name].dtype == value.dtype and torch.equal(from_file[name], value), (f, name)
+            with safe_open(path, "pt") as file:
+                assert file.metadata()["step"] == str(STEPS)
+            model_class().load_state_dict(from_file, strict=True)  # every tensor, every name: loads strictly
+            out[f] = weights
     return out
 
 
 def _assert_matches_consolidated(results, consolidated) -> int:
-    """Every resumed shadow equals the consolidated tensor's slice at its offset, bit for bit."""
+    """Every shadow (held at the save, or resumed) equals the consolidated tensor's slice at its offset, bit for bit."""
     checked = 0
     for result in results:
         assert result["step"] == STEPS
@@ -354,11 +407,12 @@ def test_fsdp2_over_tensor_parallel_2d_and_resume_under_other_layouts(tmp_path):
     results = run_ranks(fsdp_tp_2d, 4, str(tmp_path), timeout=300)
     placements = results[0]["placements"]
     assert any("_StridedShard" in p for p in placements), placements  # the placement 0.1 refused
-    assert all(r["checked"] == 2 * 18 for r in results)
+    assert all(r["checked"] == 2 * 18 and r["forwards"] == 1 for r in results)
     info = _inspect(tmp_path)
     assert any("_StridedShard" in p for p in info.placements) and sorted(info.pieces_per_rank) == [0, 1, 2, 3]
     consolidated = _consolidated(tmp_path, Net)
     _assert_reference(consolidated, Net)
+    assert _assert_matches_consolidated(results, consolidated)  # the shadows held at the save
     assert _assert_matches_consolidated(run_ranks(resume_fsdp, 4, str(tmp_path), "net", timeout=300), consolidated)
     assert _assert_matches_consolidated(run_ranks(resume_fsdp, 2, str(tmp_path), "net", timeout=300), consolidated)
     assert _assert_matches_consolidated([_resume_plain(tmp_path, Net)], consolidated)
@@ -367,12 +421,13 @@ def test_fsdp2_over_tensor_parallel_2d_and_resume_under_other_layouts(tmp_path):
 @pytest.mark.timeout(420)
 def test_hsdp_over_tensor_parallel_3d_on_8_ranks(tmp_path):
     results = run_ranks(hsdp_tp_3d, 8, str(tmp_path), timeout=360)
-    assert all(r["checked"] == 2 * 10 for r in results)
+    assert all(r["checked"] == 2 * 10 and r["forwards"] == 1 for r in results)
     assert 3 in results[0]["mesh_dims"]  # (replicate, shard, tp) for the tensor-parallel weights
     # The replicate axis writes nothing twice: ranks 4-7 hold replicas of ranks 0-3.
     assert sum(r["writes"] for r in results[4:]) == 0 and sum(r["writes"] for r in results[:4]) > 0
     consolidated = _consolidated(tmp_path, lambda: Net(layers=2))
     _assert_reference(consolidated, lambda: Net(layers=2))
+    assert _assert_matches_consolidated(results, consolidated)  # replicas included
     assert _assert_matches_consolidated([_resume_plain(tmp_path, lambda: Net(layers=2))], consolidated)
 
 
@@ -381,10 +436,12 @@ def test_pipeline_stages_save_the_union_and_resume_under_any_split(tmp_path):
     results = run_ranks(pipeline_dp, 4, str(tmp_path), [0, 1], timeout=300)
     assert results[0]["fqns"] != results[2]["fqns"]  # disjoint stages
     assert not set(results[0]["fqns"]) & set(results[2]["fqns"])
+    assert all(r["forwards"] == 1 for r in results)
     info = _inspect(tmp_path)  # stage 0 (ranks 0, 1) writes 2 layers, stage 1 (ranks 2, 3) 2 layers + head
     assert info.pieces_per_rank[0] < info.pieces_per_rank[2] and info.pieces_per_rank[0] == info.pieces_per_rank[1]
     consolidated = _consolidated(tmp_path, Net)  # the manifest's table is the union of the stages
     _assert_reference(consolidated, Net)
+    assert _assert_matches_consolidated(results, consolidated)
     assert _assert_matches_consolidated(run_ranks(resume_fsdp, 4, str(tmp_path), "net", timeout=300), consolidated)
     assert _assert_matches_consolidated(run_ranks(resume_stages, 4, str(tmp_path), [0], timeout=300), consolidated)
     assert _assert_matches_consolidated([_resume_plain(tmp_path, Net)], consolidated)
@@ -394,17 +451,20 @@ def test_pipeline_stages_save_the_union_and_resume_under_any_split(tmp_path):
 def test_two_model_parts_per_rank(tmp_path):
     results = run_ranks(pipeline_two_parts, 2, str(tmp_path), timeout=240)
     assert results[0]["fqns"][0].startswith("layers.0.") and any(f.startswith("layers.2.") for f in results[0]["fqns"])
+    assert all(r["forwards"] == 2 for r in results)
     consolidated = _consolidated(tmp_path, Net)
     _assert_reference(consolidated, Net)
+    assert _assert_matches_consolidated(results, consolidated)
     assert _assert_matches_consolidated([_resume_plain(tmp_path, Net)], consolidated)
 
 
 @pytest.mark.timeout(300)
 def test_expert_parallel_on_its_own_mesh_beside_fsdp2(tmp_path):
     results = run_ranks(expert_parallel, 4, str(tmp_path), timeout=240)
-    assert all(r["meshes"] == 2 and r["checked"] == 2 * 3 for r in results)
+    assert all(r["meshes"] == 2 and r["checked"] == 2 * 3 and r["forwards"] == 1 for r in results)
     consolidated = _consolidated(tmp_path, MoE)
     _assert_reference(consolidated, MoE)
+    assert _assert_matches_consolidated(results, consolidated)
     assert _assert_matches_consolidated(run_ranks(resume_fsdp, 2, str(tmp_path), "moe", timeout=240), consolidated)
     assert _assert_matches_consolidated([_resume_plain(tmp_path, MoE)], consolidated)
 

@@ -416,6 +416,46 @@ def test_a_crash_at_any_rename_leaves_the_old_or_the_new_save(tmp_path, monkeypa
     assert outcomes == {2, 3}  # early crashes keep the old save, late ones already show the new one
 
 
+
+def test_ranks_that_describe_a_tensor_differently_make_the_save_fail_and_write_nothing(tmp_path, monkeypatch):
+    import copy
+
+    from shardema import _dist
+    from shardema.checkpoint._table import local_table, union_tables
+
+    model, ema = make()
+    train(model, ema, 1)
+    ema.save(tmp_path, "latest")
+    saved = snapshot(ema)
+    train(model, ema, 1)
+
+    def two_ranks(obj, group=None):
+        # The save's first gather, with a second rank that disagrees on a shape and a dtype.
+        other = copy.deepcopy(obj[2])  # (rank 0's proposal, claimed pieces, tensor table)
+        other[None]["enc.weight"]["global_shape"] = [9, 4]
+        other[None]["dec.bias"]["dtype"] = "bfloat16"
+        return [obj, (None, set(), other)]
+
+    with monkeypatch.context() as m, pytest.raises(ValueError) as err:
+        m.setattr(_dist, "all_gather_objects", two_ranks)
+        ema.save(tmp_path, "latest")
+    message = str(err.value)
+    assert message.startswith("ranks describe tensors differently, nothing was saved: "), message
+    assert "'enc.weight' has global_shape [9, 4] on rank 1 but [5, 4] on a lower rank" in message
+    assert "'dec.bias' has dtype 'bfloat16' on rank 1 but 'float32'" in message
+    # Nothing written: the previous save is the only version, bit for bit.
+    assert [(i.tag, i.state) for i in list_checkpoints(tmp_path)] == [("latest", "committed")]
+    assert [p.name for p in (tmp_path / "model").iterdir() if p.name.startswith("cp=")] == ["cp=latest"]
+    _, fresh = make(step0=5)
+    assert fresh.resume(tmp_path) == "latest" and fresh.step == 1
+    assert_state(fresh, saved)
+    # Tables that agree give no conflict; their aliases are merged.
+    table = local_table(ema)
+    aliased = copy.deepcopy(table)
+    aliased[None]["enc.weight"]["aliases"] = ["shared.weight"]
+    union, conflicts = union_tables([table, aliased])
+    assert conflicts == [] and union[None]["enc.weight"]["aliases"] == ["shared.weight"]
+
 def test_next_save_removes_leftovers_and_keeps_user_data(tmp_path):
     model, ema = make()
     train(model, ema, 1)

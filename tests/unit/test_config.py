@@ -100,6 +100,25 @@ def test_constructor_forms_and_their_errors():
             pass
 
 
+
+def test_attributes_and_names_renamed_in_0_2_raise_naming_the_new_one():
+    ema = ShardedEMA(_model(), [0.9])
+    with ema.swapped(0.9) as info:
+        pass
+    with pytest.raises(AttributeError, match="'scratch_bytes'; it was renamed to 'upcast_buffer_bytes'"):
+        ema.scratch_bytes  # noqa: B018
+    with pytest.raises(AttributeError, match="'scratch_bytes'; it was renamed to 'exchange_buffer_bytes'"):
+        info.scratch_bytes  # noqa: B018
+    with pytest.raises(ImportError, match="LiveTensor was renamed to TrackedTensor"):
+        from shardema import LiveTensor  # noqa: F401
+    # The hints name attributes that exist; any other missing name is a plain AttributeError.
+    assert ema.upcast_buffer_bytes == 0 and info.exchange_buffer_bytes > 0
+    assert type(ema.tracked()[0]).__name__ == "TrackedTensor"
+    for obj in (ema, info, shardema):
+        assert not hasattr(obj, "no_such_name")
+        with pytest.raises(AttributeError, match="no attribute 'no_such_name'$"):
+            obj.no_such_name  # noqa: B018
+
 def test_config_keywords_and_yaml_callback_build_identical_emas(tmp_path):
     cfg = EMAConfig(target_factors=[0.99, 0.9], schedule="warmup", update_every=2, start_step=1,
                     buffers="average", shadow_dtype="float64")
