@@ -3,6 +3,12 @@
 shardema is tested with the torch versions that pyproject admits (see README). When
 torch changes one of these, this module is the only one to adapt; each accessor fails
 with an error that names the torch version instead of an AttributeError deep inside.
+
+Not here, on purpose: ``torch._foreach_lerp_`` and ``torch._foreach_copy_`` (called in
+``_kernels``, ``_store`` and ``_swap``). Their names start with an underscore, but they are
+documented, public multi-tensor ops (``torch.optim``'s fused paths are built on them),
+exposed as such in every torch release shardema admits; wrapping them would only add a
+call per kernel launch on the hot path.
 """
 
 from __future__ import annotations
