@@ -154,7 +154,8 @@ def _async_stalls(ck: Checkpointing, rounds: int) -> dict:
         total.append(time.perf_counter() - started)
         _drop_cache(ck.root)
     per_round = sorted(s / b for s, b in zip(stall, blocking))
-    return {"first_total_ms": round(1e3 * first, 1), "blocking_ms": [round(1e3 * v, 1) for v in blocking], "stall_ms": [round(1e3 * v, 1) for v in stall],
+    return {"first_total_ms": round(1e3 * first, 1),
+            "blocking_ms": [round(1e3 * v, 1) for v in blocking], "stall_ms": [round(1e3 * v, 1) for v in stall],
             "async_total_ms": [round(1e3 * v, 1) for v in total],
             "stall_over_blocking": {"median": round(statistics.median(per_round), 4), "min": round(per_round[0], 4),
                                     "max": round(per_round[-1], 4), "n": len(per_round)}}
