@@ -330,7 +330,8 @@ def markdown(result: dict) -> str:
                              f"the host copy) against {a['blocking_ms']} ms for the blocking save; the background "
                              f"write commits after {a['async_total_ms']} ms. Stall / blocking: "
                              f"{a['stall_over_blocking']['median']:.3f} (median of {a['stall_over_blocking']['n']}"
-                             " rounds)\n")
+                             f" rounds). The first asynchronous save, which allocates the staging buffers, took "
+                             f"{a.get('first_total_ms', 'n/a')} ms in all\n")
     if result.get("targets"):
         parts.append("**Targets**\n\n" + C.targets_md(result["targets"]))
     return "\n".join(parts)
