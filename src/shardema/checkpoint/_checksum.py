@@ -77,9 +77,30 @@ def hashing_pool() -> ThreadPoolExecutor:
         return _pool[1]
 
 
-def hash_later(algorithm: str, data: memoryview) -> Future:
-    """Start hashing ``data`` on the background thread; the future's result is the hex checksum.
+class RunningHash:
+    """A checksum fed chunk by chunk and computed on the hashing thread, in order.
 
-    The caller must keep ``data``'s memory unchanged and alive until the result is taken.
+    :meth:`feed` right after a chunk is read (or right before it is written) hashes it
+    while it is still in cache and while the caller does the next I/O. The caller must
+    keep each chunk's memory unchanged and alive until :meth:`hexdigest` returns.
     """
-    return hashing_pool().submit(hex_digest, algorithm, data)
+
+    def __init__(self, algorithm: str):
+        self.algorithm = algorithm
+        self._value = 0
+        self._pending: list[Future] = []
+
+    def _extend(self, data: memoryview) -> None:
+        self._value = digest(self.algorithm, data, self._value)
+
+    def feed(self, data: memoryview) -> None:
+        """Queue ``data`` (the next bytes); the one hashing thread takes chunks in the order given."""
+        if len(data):
+            self._pending.append(hashing_pool().submit(self._extend, data))
+
+    def hexdigest(self) -> str:
+        """Wait for every chunk fed so far; the checksum as 8 hex digits."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+        return as_hex(self._value)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ._checksum import CRC32, CRC32C, as_hex, chunks, digest, hash_later, hex_digest
+from ._checksum import CRC32, CRC32C, RunningHash, as_hex, chunks, digest, hex_digest
 from ._format import TEMP_SUFFIX, numel, st_dtype, tensor_bytes, torch_dtype
 
 _READ_CHUNK = 16 * 2**20
@@ -141,17 +141,23 @@ class SafetensorsHeader:
         return cls(prefix + blob, file_size, path)
 
 
-def read_exactly(f, offset: int, into: memoryview, path: Path) -> None:
-    """Fill ``into`` with the bytes of ``f`` from ``offset``; a short file is an error naming it."""
+def read_exactly(f, offset: int, into: memoryview, path: Path, hashed: RunningHash | None = None) -> None:
+    """Fill ``into`` with the bytes of ``f`` from ``offset``; a short file is an error naming it.
+
+    ``hashed`` is fed each chunk as soon as it has been read (hashed while the next is read).
+    """
     f.seek(offset)
     filled = 0
-    for part in chunks(into):
+    for chunk in chunks(into):
+        part = chunk
         while len(part):
             got = f.readinto(part)
             if not got:
                 raise ValueError(f"{path}: ended {len(into) - filled} bytes early (truncated)")
             filled += got
             part = part[got:]
+        if hashed is not None:
+            hashed.feed(chunk)
 
 
 @dataclass(frozen=True)
@@ -220,12 +226,13 @@ class SafetensorsStreamWriter:
         data = tensor_bytes(tensor)
         if len(data) != self._sizes[name]:
             raise AssertionError(f"{name!r}: {len(data)} bytes, declared {self._sizes[name]}")
-        hashed = hash_later(CRC32C, data)  # runs while the same bytes are written
+        hashed = RunningHash(CRC32C)  # each chunk hashed while the next is written
         try:
             for part in chunks(data):
+                hashed.feed(part)
                 self._file.write(part)
         finally:
-            self._checksums[name] = hashed.result()  # one tensor in flight: memory stays bounded
+            self._checksums[name] = hashed.hexdigest()  # one tensor in flight: memory stays bounded
         self._size += len(data)
         self._next += 1
 

@@ -39,7 +39,7 @@ from .._log import logger
 from .._shards import path_label
 from .._store import CheckpointLoad
 from ..config import DecaySchedule, check_model_paths
-from ._checksum import CRC32C, LABELS, hash_later, hex_digest, piece_checksum
+from ._checksum import CRC32C, LABELS, RunningHash, hex_digest, piece_checksum
 from ._format import MANIFEST_NAME, RESUME_ORDER, box_overlap, cp_dirname, numel, validate_tag
 from ._io import SafetensorsHeader, file_crc32, range_digest, read_exactly
 from ._manifest import Candidate, find_candidates, saved_factor
@@ -198,15 +198,15 @@ def plan_reads(ema, load: CheckpointLoad, candidate: Candidate) -> dict[Path, li
 
 
 class _PieceCheck:
-    """A piece's checksum being computed on the hashing thread, and what it must equal."""
+    """A piece's checksum being computed on the hashing thread as it is read, and what it must equal."""
 
-    def __init__(self, path: Path, fqn: str, piece: dict, data: memoryview):
+    def __init__(self, path: Path, fqn: str, piece: dict):
         self.path, self.fqn = path, fqn
         self.algorithm, self.expected = piece_checksum(piece)
-        self.future = hash_later(self.algorithm, data)
+        self.hashed = RunningHash(self.algorithm)
 
     def check(self) -> None:
-        got = self.future.result()
+        got = self.hashed.hexdigest()
         if got != self.expected:
             raise ValueError(f"{self.path}: {self.fqn!r} fails its {LABELS[self.algorithm]} check "
                              f"({got}, the manifest says {self.expected}; corrupt)")
@@ -220,8 +220,9 @@ def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
     read straight into the shadow (``readinto``); any other piece (a partial overlap
     after resharding, another stored dtype, an accelerator shadow) is read whole into a
     host buffer and the overlap copied. Either way every piece read is checked against
-    its checksum, hashed on a background thread while the next piece is read; at most
-    one piece is in flight, so the extra memory is two pieces at most.
+    its checksum: each 8 MiB chunk is hashed on a background thread as soon as it is read
+    (while it is in cache and the next chunk is read); a piece's result is checked when
+    the next piece has been read, so the extra memory is two pieces at most.
     """
     reads = plan_reads(ema, load, candidate)
     for path in sorted(reads):
@@ -241,11 +242,11 @@ def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
                 direct = list(shape) == piece["shape"] and target.device.type == "cpu" and \
                     target.is_contiguous() and target.dtype == dtype
                 buffer = target if direct else torch.empty(piece["shape"], dtype=dtype)
-                data = writable_cpu_bytes(buffer)
-                read_exactly(f, begin, data, path)
+                check = _PieceCheck(path, t.fqn, piece)
+                read_exactly(f, begin, writable_cpu_bytes(buffer), path, check.hashed)
                 if pending is not None:
                     pending.check()
-                pending = _PieceCheck(path, t.fqn, piece, data)
+                pending = check
                 if not direct:
                     source = buffer
                     for dim, (start, size) in enumerate(zip(offset, shape)):
