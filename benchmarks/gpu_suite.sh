@@ -18,8 +18,9 @@ assert torch.cuda.is_available(), "gpu_suite.sh needs a CUDA device (torch.cuda.
 print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
 # The CUDA-only tests first (pinned swap backups, device update plans, pinned async-save
-# staging; skipped on CPU machines), then the benchmarks.
-timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
-  tests/unit/test_kernels.py tests/unit/test_swap_unit.py tests/unit/test_async_save.py
+# staging, the save's agreement over NCCL; skipped on CPU machines), then the benchmarks.
+timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
+  tests/unit/test_kernels.py tests/unit/test_swap_unit.py tests/unit/test_async_save.py \
+  tests/distributed/test_checkpoint_reshard.py
 # Each benchmark has its own limit inside run_all; the whole suite must end within 7 minutes.
 exec timeout 295 "$PYTHON" benchmarks/run_all.py --device cuda --no-progress --timeout 170 "$@"

@@ -26,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, pg_timeout_s):
+def _worker(rank, world_size, port, fn, args, queue, pg_timeout_s, backend):
     import torch
     import torch.distributed as dist
 
@@ -34,7 +34,7 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout_s):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout_s))
         result = fn(*args)
         # Serialise here: tensors sent through the queue would share memory with a
@@ -61,8 +61,10 @@ def _context():
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, pg_timeout_s: float = 60.0,
-              allow_errors: bool = False):
+              allow_errors: bool = False, backend: str = "gloo"):
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the list of results by rank.
+
+    ``backend="nccl"``: NCCL ranks instead (CUDA tests; one GPU holds one rank).
 
     With ``allow_errors=True`` a rank's traceback is returned as ``("error", text)``
     instead of failing the test (for tests that expect a rank to die or raise).
@@ -70,8 +72,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, pg_t
     ctx = _context()
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout_s), daemon=True)
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout_s, backend),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     import queue as queue_module

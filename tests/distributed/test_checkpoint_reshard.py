@@ -329,6 +329,31 @@ def test_an_async_save_on_2_fsdp_ranks_writes_the_staged_copy_and_resumes_anywhe
     assert shardema.checkpoint.load_ema(single, tmp_path, "E0_U5_S5") == "E0_U5_S5" and single.step == 5
 
 
+def _nccl_save_and_resume(root):
+    """One NCCL rank on the GPU: the save's agreement runs over NCCL (CUDA tensors), the asynchronous
+    save over its own gloo group, from pinned host staging."""
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    model = Net().cuda()
+    set_live(model, 0)
+    ema = shardema.ShardedEMA(model, FACTORS)
+    train(model, ema, 2)
+    ema.save(root, "last")
+    staged = {(f, t.fqn): ema.shadow(f, t.key).cpu() for f in FACTORS for t in ema.tracked()}
+    handle = ema.save(root, "latest", blocking=False)
+    train(model, ema, 1)
+    assert handle.wait() == "latest"
+    other = shardema.ShardedEMA(model, FACTORS)
+    assert other.resume(root, strict=True) == "latest" and other.step == 2
+    assert all(torch.equal(other.shadow(f, (None, fqn)).cpu(), v) for (f, fqn), v in staged.items())
+    return len(staged)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu_suite.sh)")
+def test_cuda_nccl_agreement_and_async_save_resume_exactly(tmp_path):
+    assert run_ranks(_nccl_save_and_resume, 1, str(tmp_path), backend="nccl", timeout=240)[0] > 0
+
+
 def test_dcp_round_trip_through_state_dict(tmp_path):
     counts = run_ranks(_dcp_round_trip, 2, str(tmp_path / "dcp"), timeout=240)
     assert all(c > 0 for c in counts)
