@@ -283,9 +283,11 @@ class ShardedEMA:
                 keep_changes: bool = False, **renamed: Any) -> Iterator[SwapInfo]:
         """Collective context manager: the EMA weights of ``factor`` live in the model inside.
 
-        Every rank of the process group enters together; on exit every rank restores its
-        live weights bit-exact, also when the body raised, and all ranks agree (a rank
-        whose body raised re-raises; the others raise :class:`shardema.SwapAbortedError`).
+        Every rank of the process group enters together; a model change ``update()`` would
+        refuse (a replaced submodule, an unfrozen parameter) makes every rank raise before
+        the body runs. On exit every rank restores its live weights bit-exact, also when the
+        body raised, and all ranks agree (a rank whose body raised re-raises; the others
+        raise :class:`shardema.SwapAbortedError`).
         Yields a :class:`shardema.SwapInfo` (mode, extra bytes held on this rank).
 
         Args:
@@ -334,7 +336,9 @@ class ShardedEMA:
 
         Every rank copies its shadows into its live local shards (cast to the live dtype);
         the EMA itself is unchanged and goes on from its shadows. All ranks agree on the
-        outcome with one small collective: if any rank failed, every rank raises.
+        outcome with one small collective: if any rank failed, every rank raises. A model
+        change ``update()`` would refuse (a replaced submodule, an unfrozen parameter) is
+        refused here too, before anything is copied.
         ``model_paths``: copy only these model paths (default: all of the EMA's).
         """
         self._require_idle("copy_to")
@@ -342,6 +346,8 @@ class ShardedEMA:
         targets = [t for t in self.tracked(model_paths) if t.local_numel > 0]
         failure: BaseException | None = None
         try:
+            # A replaced submodule would take no EMA weights (they would go into the detached one).
+            self._store.check_structure()
             lives = self._store.resolve_lives(targets)
             seen: set[int] = set()
             for t, live in zip(targets, lives):

@@ -7,12 +7,13 @@ after the swap-in and one at exit:
 
 1. (every rank, local) validate the factor and model paths, refuse a nested swap,
    mark the EMA ``SWAPPED``.
-2. (every rank, local) reshard FSDP2 modules so parameters are sharded DTensors
-   again, then re-resolve the live local tensors.
+2. (every rank, local) check the model's structure as ``update()`` does (a replaced
+   submodule or an unfrozen parameter fails this step), reshard FSDP2 modules so
+   parameters are sharded DTensors again, then re-resolve the live local tensors.
 3. (every rank, local) allocate the swap memory (exchange buffer and backups), then
    put the EMA values into the live local shards.
 4. (every rank, collective) entry agreement: one all-reduce of a ``world_size`` flag
-   vector says whether step 3 failed anywhere; if so no rank runs the body (its
+   vector says whether step 2 or 3 failed anywhere; if so no rank runs the body (its
    collectives would never be joined by the failed rank): all restore and raise.
    Otherwise every rank runs the body.
 5. (every rank, local, also when the body raised) reshard FSDP2 modules again,
@@ -356,6 +357,9 @@ def swap_session(store: ShadowStore, k: int, factor: float, targets: list[Tracke
     body_ran = False
     swap = None
     try:
+        # A replaced submodule or unfrozen parameter would leave new live weights unswapped: refuse it
+        # here, so that every rank learns of it through the entry agreement and raises together.
+        store.check_structure()
         swap = _Swap(store, k, targets, exchange_buffer_bytes, backup_to_host)
         info = swap.info(factor, swapped_paths)
         swap.swap_in()

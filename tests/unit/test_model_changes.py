@@ -135,3 +135,32 @@ def test_a_weight_tied_across_two_model_paths_is_complete_in_each(tmp_path):
     fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 6, bias=False))
     fresh.load_state_dict(load_file(out), strict=True)
     torch.testing.assert_close(fresh[1].weight.double(), reference, rtol=0, atol=1e-6)
+
+
+def test_swapped_and_copy_to_detect_a_replaced_submodule_before_any_update():
+    model = _model()
+    ema = ShardedEMA(model, [0.5])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()  # the shadows now differ from the live weights
+    old = model[0]
+    model[0] = nn.Linear(3, 4)  # no update() in between: only swapped() / copy_to() can see it
+    new_weight = model[0].weight.detach().clone()
+    old_weight = old.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"submodule '0' was replaced"):
+        with ema.swapped(0.5):
+            pytest.fail("the body ran with the new module's live weights")
+    assert torch.equal(model[0].weight, new_weight) and torch.equal(old.weight, old_weight)
+    assert ema.state.value == "idle"
+    with pytest.raises(RuntimeError, match=r"submodule '0' was replaced"):
+        ema.copy_to(0.5)
+    assert torch.equal(model[0].weight, new_weight) and torch.equal(old.weight, old_weight)
+    # The other changes update() detects are seen too: an unfrozen parameter left out as frozen.
+    model = _model()
+    model[0].bias.requires_grad_(False)
+    ema = ShardedEMA(model, [0.5], include_frozen=False)
+    model[0].bias.requires_grad_(True)
+    for call in (lambda: ema.swapped(0.5).__enter__(), lambda: ema.copy_to(0.5)):
+        with pytest.raises(RuntimeError, match=r"'0.bias'.*was unfrozen"):
+            call()
