@@ -124,8 +124,9 @@ def _profiles_as_factors(data: dict) -> dict:
 
 
 def _is_dotted_path(path: object) -> bool:
+    # A model path names a checkpoint directory: no path separators ('/etc' would leave the root).
     return (isinstance(path, str) and bool(path) and path == path.strip(".") and ".." not in path
-            and not any(c.isspace() for c in path))
+            and not any(c.isspace() or c in "/\\" for c in path))
 
 
 def check_model_paths(model_paths: Any) -> tuple[str | None, ...]:
