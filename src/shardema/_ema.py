@@ -267,7 +267,8 @@ class ShardedEMA:
 
     def current_decays(self) -> dict[float, float]:
         """Decay the next ``update()`` applies, per factor: 0 when it copies the live weights
-        (before ``start_step``), 1 when ``update_every`` skips it."""
+        (before ``start_step``), 1 when it leaves the shadows alone (``update_every`` skips it,
+        or ``before_start="hold"`` holds it)."""
         if self._schedule.is_tracking(self._step):
             return dict.fromkeys(self.target_factors, 0.0)
         if not self._schedule.is_update_step(self._step):

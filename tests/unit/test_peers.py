@@ -377,24 +377,22 @@ class TorchtitanEMA:
 
 
 def torchtitan_options(decay=None, half_life_fraction=0.05, start_step=0, step_bias=0, update_every_n_steps=1):
-    """The shardema options that reproduce torchtitan's EMA with start_step 0 and
-    update_every_n_steps 1, or with start_step 1 (any update_every_n_steps).
+    """The shardema options that reproduce torchtitan's EMA, for every start_step and update_every_n_steps.
 
-    With start_step 1 its first firing has ``elapsed = 0``, so its ``num_updates`` is
-    ``max(j + step_bias // N, 1)`` at firing j: shardema's ``m = max(1, j + 1 + step_bias)`` with
-    ``step_bias = step_bias // N - 1``. Other start steps fire on a grid shardema's start_step cannot
-    place without copying the live weights before it (see docs/peers.md)."""
+    Its first firing is at the first trainer step ``t0 >= max(start_step, 1)`` on its grid
+    (``(t0 - start_step) % N == 0``): shardema's call ``t0 - 1``, so ``start_step = t0 - 1``,
+    ``update_every = N``, and ``before_start="hold"`` keeps the weights the EMA was created with
+    until then, as torchtitan keeps its initial clone. At its firing j ``num_updates`` is
+    ``max(j + (t0 - start_step + step_bias) // N, 1)``: shardema's ``m = max(1, j + 1 + step_bias)``
+    with ``step_bias = (t0 - start_step + step_bias) // N - 1``."""
     n = update_every_n_steps
-    if start_step == 0 and n == 1:
-        bias = step_bias
-    elif start_step == 1:
-        bias = step_bias // n - 1
-    else:
-        raise ValueError("not reproducible exactly: start_step must be 1, or 0 with update_every_n_steps 1")
+    t0 = next(t for t in itertools.count(max(start_step, 1)) if (t - start_step) % n == 0)
+    bias = (t0 - start_step + step_bias) // n - 1
     schedule = dict(schedule="constant") if decay is not None else dict(schedule="half_life",
                                                                        half_life_fraction=half_life_fraction,
                                                                        step_bias=bias)
-    return dict(schedule, update_every=n, count="firings", buffers="ignore", include_frozen=False)
+    held = dict(start_step=t0 - 1, before_start="hold") if t0 > 1 else {}
+    return dict(schedule, **held, update_every=n, count="firings", buffers="ignore", include_frozen=False)
 
 
 TORCHTITAN_CASES = {
@@ -403,6 +401,9 @@ TORCHTITAN_CASES = {
     "start_1_every_3_bias_5": dict(half_life_fraction=0.2, start_step=1, update_every_n_steps=3, step_bias=5),
     "start_1_every_4": dict(half_life_fraction=0.1, start_step=1, update_every_n_steps=4),
     "fixed_decay_every_2": dict(decay=0.97, start_step=1, update_every_n_steps=2),
+    "start_0_every_3": dict(half_life_fraction=0.2, update_every_n_steps=3),
+    "start_5": dict(half_life_fraction=0.1, start_step=5, step_bias=2),
+    "fixed_decay_start_6_every_4": dict(decay=0.97, start_step=6, update_every_n_steps=4),
 }
 
 

@@ -32,8 +32,9 @@ def _run(schedule: dict, steps: int, factors=(0.99, 0.9), samples=None):
     return {f: ema.shadow(f, (None, "weight")).view(-1) for f in factors}, ema
 
 
-def _replay(decay_of, steps: int, factors=(0.99, 0.9), update_every=1, start_step=0):
-    """The same EMA as a float64 loop, with the decay of each firing given by ``decay_of(f, call, firing)``."""
+def _replay(decay_of, steps: int, factors=(0.99, 0.9), update_every=1, start_step=0, hold=False):
+    """The same EMA as a float64 loop, with the decay of each firing given by ``decay_of(f, call, firing)``;
+    calls before ``start_step`` copy the live weights, or with ``hold`` leave the shadow alone."""
     out = {}
     for f in factors:
         shadow = _live(-1).clone()
@@ -41,7 +42,8 @@ def _replay(decay_of, steps: int, factors=(0.99, 0.9), update_every=1, start_ste
         for call in range(steps):
             live = _live(call)
             if call < start_step:
-                shadow = live.clone()
+                if not hold:
+                    shadow = live.clone()
             elif (call - start_step) % update_every == 0:
                 d = decay_of(f, call, firing)
                 shadow = d * shadow + (1 - d) * live
@@ -132,6 +134,24 @@ def test_min_decay_floors_half_life_and_edm(kind):
     _assert_same(ours, expected)
     unfloored = _replay(raw, STEPS, update_every=every)
     assert not torch.allclose(unfloored[0.99], expected[0.99])  # the floor changed the result
+
+
+def test_before_start_hold_keeps_the_initial_weights_until_the_first_firing():
+    schedule = dict(kind="warmup", start_step=5, update_every=2, before_start="hold")
+    decay = lambda f, call, firing: min(f, (1 + call - 5) / (10 + call - 5))  # noqa: E731
+    ours, ema = _run(schedule, 4)
+    assert ema.current_decays() == {0.99: 1.0, 0.9: 1.0}  # held, not copied
+    _assert_same(ours, {f: _live(-1) for f in (0.99, 0.9)})  # still the weights it was created with
+    ours, ema = _run(schedule, STEPS)
+    _assert_same(ours, _replay(decay, STEPS, update_every=2, start_step=5, hold=True))
+    copied = _replay(decay, STEPS, update_every=2, start_step=5)
+    assert not torch.allclose(_run(dict(schedule, before_start="copy"), 6)[0][0.9],
+                              _run(schedule, 6)[0][0.9])  # the first firing averages in different weights
+    _assert_same(_run(dict(schedule, before_start="copy"), STEPS)[0], copied)
+    cfg = EMAConfig(target_factors=[0.9], start_step=3, before_start="hold")  # flat, like every schedule option
+    assert cfg.schedule.before_start == "hold" and EMAConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    with pytest.raises(ValueError, match="before_start"):
+        DecaySchedule(before_start="keep")
 
 
 def test_first_update_copies_also_with_update_every():
