@@ -288,7 +288,8 @@ class ShardedEMA:
 
     def current_decays(self) -> dict[float, float]:
         """Decay the next ``update()`` applies, per factor: 0 when it copies the live weights
-        (before ``start_step``), 1 when ``update_every`` skips it."""
+        (before ``start_step``), 1 when it leaves the shadows alone (``update_every`` skips it,
+        or ``before_start="hold"`` holds it)."""
         if self._schedule.is_tracking(self._step):
             return dict.fromkeys(self.target_factors, 0.0)
         if not self._schedule.is_update_step(self._step):
@@ -304,9 +305,11 @@ class ShardedEMA:
                 keep_changes: bool = False, **renamed: Any) -> Iterator[SwapInfo]:
         """Collective context manager: the EMA weights of ``factor`` live in the model inside.
 
-        Every rank of the process group enters together; on exit every rank restores its
-        live weights bit-exact, also when the body raised, and all ranks agree (a rank
-        whose body raised re-raises; the others raise :class:`shardema.SwapAbortedError`).
+        Every rank of the process group enters together; a model change ``update()`` would
+        refuse (a replaced submodule, an unfrozen parameter) makes every rank raise before
+        the body runs. On exit every rank restores its live weights bit-exact, also when the
+        body raised, and all ranks agree (a rank whose body raised re-raises; the others
+        raise :class:`shardema.SwapAbortedError`).
         Yields a :class:`shardema.SwapInfo` (mode, extra bytes held on this rank).
 
         Args:
@@ -355,7 +358,9 @@ class ShardedEMA:
 
         Every rank copies its shadows into its live local shards (cast to the live dtype);
         the EMA itself is unchanged and goes on from its shadows. All ranks agree on the
-        outcome with one small collective: if any rank failed, every rank raises.
+        outcome with one small collective: if any rank failed, every rank raises. A model
+        change ``update()`` would refuse (a replaced submodule, an unfrozen parameter) is
+        refused here too, before anything is copied.
         ``model_paths``: copy only these model paths (default: all of the EMA's).
         """
         self._require_idle("copy_to")
@@ -363,6 +368,8 @@ class ShardedEMA:
         targets = [t for t in self.tracked(model_paths) if t.local_numel > 0]
         failure: BaseException | None = None
         try:
+            # A replaced submodule would take no EMA weights (they would go into the detached one).
+            self._store.check_structure()
             lives = self._store.resolve_lives(targets)
             seen: set[int] = set()
             for t, live in zip(targets, lives):

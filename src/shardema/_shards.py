@@ -299,11 +299,12 @@ def select_by_name(tracked: list[TrackedTensor], include: Sequence[str] | None,
     everything, or nothing).
     """
     names = [t.fqn for t in tracked]
-    unused = [p for p in (*(include or ()), *exclude) if not fnmatch.filter(names, p)]
-    if unused:
+    unused = {option: [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+              for option, patterns in (("include", include or ()), ("exclude", exclude))}
+    if any(unused.values()):
         shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-        raise ValueError(f"pattern(s) {unused} match no tracked tensor; FQNs are relative to the model path, "
-                         f"e.g. {shown}")
+        which = "; ".join(f"{option} pattern(s) {patterns}" for option, patterns in unused.items() if patterns)
+        raise ValueError(f"{which} match no tracked tensor; FQNs are relative to the model path, e.g. {shown}")
     kept = [t for t in tracked if include is None or any(fnmatch.fnmatchcase(t.fqn, p) for p in include)]
     kept = [t for t in kept if not any(fnmatch.fnmatchcase(t.fqn, p) for p in exclude)]
     for model_path in dict.fromkeys(t.model_path for t in tracked):

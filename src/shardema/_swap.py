@@ -7,12 +7,13 @@ after the swap-in and one at exit:
 
 1. (every rank, local) validate the factor and model paths, refuse a nested swap,
    mark the EMA ``SWAPPED``.
-2. (every rank, local) reshard FSDP2 modules so parameters are sharded DTensors
-   again, then re-resolve the live local tensors.
+2. (every rank, local) check the model's structure as ``update()`` does (a replaced
+   submodule or an unfrozen parameter fails this step), reshard FSDP2 modules so
+   parameters are sharded DTensors again, then re-resolve the live local tensors.
 3. (every rank, local) allocate the swap memory (exchange buffer and backups), then
    put the EMA values into the live local shards.
 4. (every rank, collective) entry agreement: one all-reduce of a ``world_size`` flag
-   vector says whether step 3 failed anywhere; if so no rank runs the body (its
+   vector says whether step 2 or 3 failed anywhere; if so no rank runs the body (its
    collectives would never be joined by the failed rank): all restore and raise.
    Otherwise every rank runs the body.
 5. (every rank, local, also when the body raised) reshard FSDP2 modules again,
@@ -31,8 +32,10 @@ host memory, the shadow is copied in with a cast, and the backup is copied back.
 Buffers always take this backup path (they are small).
 
 [Note: writes in the body]
-The swap records every swapped live tensor's version counter right after the swap-in
-and compares it at exit (host metadata: no memory, no device sync). Buffers written
+The swap records every swapped live tensor's version counter right after the swap-in,
+and that of the DTensor registered around it (an in-place op on a DTensor moves its
+own counter, not its local tensor's), and compares them at exit (host metadata: no
+memory, no device sync). Buffers written
 by the body (a train-mode forward updates BatchNorm running stats) are simply
 restored: their EMA is untouched. Parameters written by the body (an optimizer step,
 ``p.mul_()``) make the swap raise :class:`SwapWriteError` after the live weights are
@@ -175,6 +178,10 @@ class _Swap:
         self.live_overwritten = False  # backed-up tensors to copy back
         self.swapped_lives: list[torch.Tensor] = []  # the live tensors the EMA values were put into
         self.swapped_versions: list[int] = []  # their version counters right after the swap-in
+        # The registered DTensors around them: an in-place op on a DTensor (p.mul_(2), an optimizer
+        # step) bumps the DTensor's version counter only, not that of the local tensor it writes.
+        self.swapped_outers: list[torch.Tensor | None] = []
+        self.swapped_outer_versions: list[int] = []
 
     # ------------------------------------------------------------------ planning
     def _resolve(self) -> list[torch.Tensor]:
@@ -292,15 +299,32 @@ class _Swap:
             self.batches_done += 1
         self.swapped_lives = lives
         self.swapped_versions = [version_counter(live) for live in lives]
+        self.swapped_outers = [self._outer(t, live) for t, live in zip(self.targets, lives)]
+        self.swapped_outer_versions = [-1 if o is None else version_counter(o) for o in self.swapped_outers]
+
+    @staticmethod
+    def _outer(t: TrackedTensor, live: torch.Tensor) -> torch.Tensor | None:
+        """The registered tensor wrapping ``live`` (a DTensor), or None when ``live`` is registered itself."""
+        outer = t.current()
+        return None if outer is None or outer is live else outer
 
     def written(self, lives: list[torch.Tensor]) -> list[int]:
-        """Indices of the swapped tensors the body wrote to (their version counter moved).
+        """Indices of the swapped tensors the body wrote to (their version counter, or that of
+        the DTensor registered around them, moved).
 
         A live tensor that FSDP2 replaced by another object during the body is not
         compared (its new object has its own counter).
         """
-        return [i for i, (live, before) in enumerate(zip(self.swapped_lives, self.swapped_versions))
-                if i < len(lives) and lives[i] is live and version_counter(live) != before]
+        written = []
+        for i, (live, before) in enumerate(zip(self.swapped_lives, self.swapped_versions)):
+            if i >= len(lives) or lives[i] is not live:
+                continue
+            outer = self.swapped_outers[i]
+            if version_counter(live) != before or (
+                    outer is not None and self._outer(self.targets[i], live) is outer
+                    and version_counter(outer) != self.swapped_outer_versions[i]):
+                written.append(i)
+        return written
 
     @torch.no_grad()
     def restore(self, keep_changes: bool = False) -> list[int]:
@@ -323,6 +347,7 @@ class _Swap:
             self._copy([lives[i] for i in backed], [self.backups[i] for i in backed], self.on_host)
         self.live_overwritten = False
         self.swapped_lives, self.swapped_versions = [], []
+        self.swapped_outers, self.swapped_outer_versions = [], []
         return written
 
     def write_error(self, written: list[int], factor: float) -> SwapWriteError | None:
@@ -363,6 +388,9 @@ def swap_session(store: ShadowStore, k: int, factor: float, targets: list[Tracke
     body_ran = False
     swap = None
     try:
+        # A replaced submodule or unfrozen parameter would leave new live weights unswapped: refuse it
+        # here, so that every rank learns of it through the entry agreement and raises together.
+        store.check_structure()
         swap = _Swap(store, k, targets, exchange_buffer_bytes, backup_to_host)
         info = swap.info(factor, swapped_paths)
         swap.swap_in()

@@ -12,8 +12,9 @@ Nothing here holds torch state; torch is imported only to name dtypes.
 ``n`` in the schedules is the number of ``update()`` calls made since averaging
 began, i.e. ``ema.step - start_step`` at the time of the call (0 for the first
 averaged call). Calls before ``start_step`` copy the live weights into the
-shadows; after it an update is applied on every ``update_every``-th call (the calls in between
-still refresh the copied buffers).
+shadows (or, with ``before_start="hold"``, leave them as they are); after it an
+update is applied on every ``update_every``-th call (the calls in between still
+refresh the copied buffers).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ DEFAULT_EXCHANGE_BUFFER_BYTES = 64 * 2**20
 """Default bound of the buffer through which ``swapped()`` exchanges live and EMA values in place."""
 DEFAULT_CHUNK_NUMEL = 2**18
 
-SCHEDULE_FIELDS = ("inv_gamma", "power", "update_every", "start_step", "min_decay", "count", "first_update_copies",
-                   "half_life_fraction", "step_bias", "half_life_samples", "rampup_ratio", "samples_per_update")
+SCHEDULE_FIELDS = ("inv_gamma", "power", "update_every", "start_step", "before_start", "min_decay", "count",
+                   "first_update_copies", "half_life_fraction", "step_bias", "half_life_samples", "rampup_ratio",
+                   "samples_per_update")
 """Schedule options that may also be given flat, beside ``schedule`` (keywords, YAML)."""
 
 RENAMED_OPTIONS = {
@@ -138,8 +140,9 @@ def _profiles_as_factors(data: dict) -> dict:
 
 
 def _is_dotted_path(path: object) -> bool:
+    # A model path names a checkpoint directory: no path separators ('/etc' would leave the root).
     return (isinstance(path, str) and bool(path) and path == path.strip(".") and ".." not in path
-            and not any(c.isspace() for c in path))
+            and not any(c.isspace() or c in "/\\" for c in path))
 
 
 def check_model_paths(model_paths: Any) -> tuple[str | None, ...]:
@@ -193,7 +196,9 @@ class DecaySchedule(BaseModel):
       ``EMAConfig(sigma_rels=[...])``; see docs/posthoc.md.
 
     For every kind: ``update_every=k`` averages on every k-th call only; ``start_step=s``
-    makes calls before ``s`` copy the live weights; ``min_decay`` is a floor on the decay
+    makes calls before ``s`` copy the live weights (``before_start="hold"``: keep the shadows,
+    so the first firing averages in the weights the EMA was created with, as torchtitan
+    does); ``min_decay`` is a floor on the decay
     (diffusers, timm, ema-pytorch ``min_value``); ``first_update_copies`` makes the first
     firing copy the live weights (``AveragedModel``, Lightning, diffusers).
     """
@@ -210,7 +215,12 @@ class DecaySchedule(BaseModel):
     """Average on every k-th ``update()`` call only. The calls in between leave the averaged shadows
     alone; copied tensors (buffers under ``"copy"``, integer buffers) still take the live values."""
     start_step: NonNegativeInt = 0
-    """Calls before this step copy the live weights instead of averaging."""
+    """Calls before this step copy the live weights instead of averaging (see ``before_start``)."""
+    before_start: Literal["copy", "hold"] = "copy"
+    """What calls before ``start_step`` do: ``"copy"`` the live weights (default), or ``"hold"`` the
+    shadows as they are (skips: copied tensors still follow the live model), so the first firing
+    averages in the weights the EMA was created with (or last loaded / reset to), as torchtitan
+    does before its first firing."""
     min_decay: float = Field(0.0, ge=0.0, lt=1.0)
     """A floor on the decay of every firing (0: none)."""
     count: Literal["calls", "firings"] = "calls"
@@ -254,8 +264,8 @@ class DecaySchedule(BaseModel):
         return ignored
 
     def is_tracking(self, step: int) -> bool:
-        """True when the call at ``step`` copies live weights (before ``start_step``)."""
-        return step < self.start_step
+        """True when the call at ``step`` copies live weights (before ``start_step``, unless held)."""
+        return step < self.start_step and self.before_start == "copy"
 
     def is_update_step(self, step: int) -> bool:
         """True when the call at ``step`` applies an EMA update (a firing)."""

@@ -304,6 +304,34 @@ def faults_on_two_ranks():
     _check_swap(model, ema, ref, 0.99, x)
     _train(model, ema, ref, steps=1, seed=5)
     _check_swap(model, ema, ref, 0.9, x)
+    # Round 5: rank 1 writes to its shard of a swapped parameter (fp32: exchanged in place). Rank 1 raises
+    # SwapWriteError naming it, rank 0 SwapAbortedError; the live weights come back bit-exact everywhere, and
+    # only the written shard's EMA changes: it holds the written values (the exchange keeps no copy).
+    from shardema import SwapWriteError
+
+    before = _local_state(ema)
+    written = (0.99, (None, "body.0.weight"))
+    assert before[1][written].numel() > 0  # rank 1 holds one of the 3 rows
+    try:
+        with torch.no_grad(), ema.swapped(0.99) as info:
+            assert info.mode == "in_place"
+            if rank == 1:
+                model.body[0].weight.mul_(2)  # the sharded DTensor: only this rank's local shard is written
+    except SwapWriteError as error:
+        assert rank == 1 and error.fqns == ("body.0.weight",) and "body.0.weight" in str(error)
+        seen.append("write error")
+    except SwapAbortedError as error:
+        assert rank == 0 and error.failed_ranks == (1,)
+        seen.append("aborted [1]")
+    else:
+        raise AssertionError("every rank must raise when a rank wrote to a swapped parameter")
+    assert ema.state is EMAState.IDLE
+    lives, shadows = _local_state(ema)
+    for key, value in before[0].items():
+        assert torch.equal(lives[key], value), f"live {key} not restored bit-exact"
+    for key, value in before[1].items():
+        expected = 2 * value if rank == 1 and key == written else value
+        assert torch.equal(shadows[key], expected), f"shadow {key}"
     return seen
 
 
@@ -357,8 +385,8 @@ def test_swap_matches_unsharded_reference_for_ddp_fsdp2_subset_bf16_and_tp():
 
 def test_a_failure_on_some_ranks_restores_everywhere_and_raises_on_every_rank():
     results = run_ranks(faults_on_two_ranks, 2)
-    assert results[0] == ["aborted [1]", "own", "own", "aborted [1]"]
-    assert results[1] == ["own", "aborted [0]", "own", "own"]
+    assert results[0] == ["aborted [1]", "own", "own", "aborted [1]", "aborted [1]"]
+    assert results[1] == ["own", "aborted [0]", "own", "own", "write error"]
 
 
 def test_hsdp_2x2_swap_and_a_failure_on_rank_3():

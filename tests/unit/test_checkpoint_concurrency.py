@@ -32,8 +32,14 @@ def _set_state(ema: shardema.ShardedEMA, step: int) -> None:
     ema.load_state_dict(state)
 
 
+HOLDER_STAGING = "cp=latest.tmp-" + "ab" * 16  # the holder's own save in progress
+
+
 def _hold_lock(directory: str, ready, release) -> None:
     with WriterLock(Path(directory), purpose="holding it for a test"):
+        staging = Path(directory) / HOLDER_STAGING / "ema=0.9"
+        staging.mkdir(parents=True)
+        (staging / "rank-0-of-1.safetensors").write_bytes(b"half written")
         ready.set()
         release.wait(60)
 
@@ -53,13 +59,17 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path):
         with pytest.raises(RuntimeError, match=rf"locked by another writer \(host .* pid {holder.pid} holding it"):
             ema.save(tmp_path, "latest")
         assert time.monotonic() - started < 30  # fails, never waits for the holder
-        assert [p.name for p in (tmp_path / "model").iterdir() if ".tmp-" in p.name] == []
+        # The failed writer never cleans up: the holder's staging directory is live, and it left none of its own.
+        assert [p.name for p in (tmp_path / "model").iterdir() if ".tmp-" in p.name] == [HOLDER_STAGING]
+        piece = tmp_path / "model" / HOLDER_STAGING / "ema=0.9" / "rank-0-of-1.safetensors"
+        assert piece.read_bytes() == b"half written"
     finally:
         release.set()
         holder.join(30)
     fresh = _ema(1)
     assert fresh.resume(tmp_path) == "latest" and fresh.step == 1  # the committed save is intact
-    ema.save(tmp_path, "latest")  # the holder is gone: the lock is free again
+    ema.save(tmp_path, "latest")  # the holder is gone: the lock is free again, its staging a leftover
+    assert [p.name for p in (tmp_path / "model").iterdir() if ".tmp-" in p.name] == []
     assert _ema(2).resume(tmp_path) == "latest"
 
 

@@ -81,29 +81,38 @@ def _fresh():
 
 
 # -------------------------------------------------------------------- damaged manifests fall back
+# Each damage, and what the error says about it: the field (pydantic's location), or why it could not be parsed.
 DAMAGE = {
-    "invalid schedule": lambda m: m["schedule"].update(kind="cosine"),
-    "dtype typo": lambda m: next(iter(m["tensors"].values())).update(dtype="flaot32"),
-    "huge number": lambda m: '{"format": "shardema-ema", "step": ' + "9" * 5000 + "}",
-    "deep nesting": lambda m: "[" * 100_000 + "]" * 100_000,
-    "non-string model path": lambda m: m.update(model_paths=[None, 7]),
-    "path outside the root": lambda m: m.update(model_paths=[None, "../x"]),
-    "absolute model path": lambda m: m.update(model_paths=[None, "/etc"]),
-    "file outside the root": lambda m: m["files"][0].update(path="../../../../etc/passwd"),
-    "negative step": lambda m: m.update(step=-1),
+    "invalid schedule": (lambda m: m["schedule"].update(kind="cosine"), "field schedule.kind: Input should be"),
+    "dtype typo": (lambda m: next(iter(m["tensors"].values())).update(dtype="flaot32"),
+                   "field tensors.0.weight.dtype: Value error, unknown dtype name 'flaot32'"),
+    "huge number": (lambda m: '{"format": "shardema-ema", "step": ' + "9" * 5000 + "}",
+                    "unreadable manifest (ValueError"),
+    "deep nesting": (lambda m: "[" * 100_000 + "]" * 100_000, "unreadable manifest (RecursionError"),
+    "non-string model path": (lambda m: m.update(model_paths=[None, 7]),
+                              "field model_paths.1: Input should be a valid string"),
+    "path outside the root": (lambda m: m.update(model_paths=[None, "../x"]),
+                              "field model_paths: Value error, model path '../x' is not a dotted submodule path"),
+    "absolute model path": (lambda m: m.update(model_paths=[None, "/etc"]),
+                            "field model_paths: Value error, model path '/etc' is not a dotted submodule path"),
+    "file outside the root": (lambda m: m["files"][0].update(path="../../../../etc/passwd"),
+                              "file path '../../../../etc/passwd' is not 'ema=<factor>/rank-"),
+    "negative step": (lambda m: m.update(step=-1), "field step: Input should be greater than or equal to 0"),
 }
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_manifest_is_corrupt_and_resume_falls_back_to_last(latest_and_last, damage, caplog):
     root, at_three, _ = latest_and_last
-    manifest = _edit_manifest(root, "latest", DAMAGE[damage])
-    with pytest.raises(ManifestError, match=str(manifest)):
+    edit, reason = DAMAGE[damage]
+    manifest = _edit_manifest(root, "latest", edit)
+    with pytest.raises(ManifestError) as info:
         read_manifest(manifest.parent)
+    assert str(info.value).startswith(f"{manifest}: ") and reason in str(info.value), str(info.value)
     ema = _fresh()
     assert ema.resume(root) == "last" and ema.step == 3
     _assert_values(ema, at_three)
-    assert str(manifest) in caplog.text  # the skipped version is named
+    assert str(manifest) in caplog.text and reason in caplog.text  # the skipped version is named, with why
 
 
 def test_an_invalid_schedule_touches_nothing_even_when_it_is_the_only_version(tmp_path):

@@ -71,6 +71,8 @@ def test_round_trips_through_json_and_yaml():
     ({"target_factors": [0.9], "chunk_numel": 0}, "chunk_numel"),
     ({"target_factors": [0.9], "include_frozen": "yes"}, "include_frozen"),
     ({"target_factors": [0.9], "model_paths": ["a", "a.b"]}, "overlap"),
+    ({"target_factors": [0.9], "model_paths": ["a", "b/c"]}, "'b/c' is not a dotted submodule path"),
+    ({"target_factors": [0.9], "model_paths": ["a", "b\\c"]}, r"'b\\\\c' is not a dotted submodule path"),
 ])
 def test_bad_options_name_the_field(options, message):
     with pytest.raises(ValidationError, match=message):

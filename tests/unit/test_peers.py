@@ -4,12 +4,13 @@ Each test drives the peer and a ShardedEMA (float64 shadows) with the same live 
 hundred calls (the weights change on every call, so every decay leaves a trace) and compares every
 tracked tensor after every call at which the two are defined to agree.
 
-Peers run for real where they are light: ``torch.optim.swa_utils.AveragedModel`` (torch itself)
-and ema-pytorch (a dev dependency, no dependencies of its own). The others are reproduced from
-their source, cited in each class: diffusers ``EMAModel`` and timm ``ModelEmaV3`` import far more
-than the EMA (pipelines, torchvision, the hub client); Lightning's ``EMAWeightAveraging`` needs
-the Lightning trainer, so its ``should_update`` rule drives the real ``AveragedModel`` it wraps;
-torchtitan and NeMo are not on PyPI as light packages.
+Peers run for real where they are light: ``torch.optim.swa_utils.AveragedModel`` (torch itself),
+ema-pytorch (a dev dependency, no dependencies of its own) and Lightning's ``EMAWeightAveraging``
+(lightning is a dev dependency; its own ``setup()`` and ``on_train_batch_end()`` run, with a
+stand-in trainer that carries only ``global_step``). The others are reproduced from their source,
+cited in each class: diffusers ``EMAModel`` and timm ``ModelEmaV3`` import far more than the EMA
+(pipelines, torchvision, the hub client); torchtitan's ``components/ema.py`` is not in its 0.3.0
+wheel (the package this project's torchtitan test installs); NeMo is not a light package.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import types
 import zlib
 
 import pytest
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from shardema import EMAConfig, ShardedEMA
 
@@ -375,24 +377,22 @@ class TorchtitanEMA:
 
 
 def torchtitan_options(decay=None, half_life_fraction=0.05, start_step=0, step_bias=0, update_every_n_steps=1):
-    """The shardema options that reproduce torchtitan's EMA with start_step 0 and
-    update_every_n_steps 1, or with start_step 1 (any update_every_n_steps).
+    """The shardema options that reproduce torchtitan's EMA, for every start_step and update_every_n_steps.
 
-    With start_step 1 its first firing has ``elapsed = 0``, so its ``num_updates`` is
-    ``max(j + step_bias // N, 1)`` at firing j: shardema's ``m = max(1, j + 1 + step_bias)`` with
-    ``step_bias = step_bias // N - 1``. Other start steps fire on a grid shardema's start_step cannot
-    place without copying the live weights before it (see docs/peers.md)."""
+    Its first firing is at the first trainer step ``t0 >= max(start_step, 1)`` on its grid
+    (``(t0 - start_step) % N == 0``): shardema's call ``t0 - 1``, so ``start_step = t0 - 1``,
+    ``update_every = N``, and ``before_start="hold"`` keeps the weights the EMA was created with
+    until then, as torchtitan keeps its initial clone. At its firing j ``num_updates`` is
+    ``max(j + (t0 - start_step + step_bias) // N, 1)``: shardema's ``m = max(1, j + 1 + step_bias)``
+    with ``step_bias = (t0 - start_step + step_bias) // N - 1``."""
     n = update_every_n_steps
-    if start_step == 0 and n == 1:
-        bias = step_bias
-    elif start_step == 1:
-        bias = step_bias // n - 1
-    else:
-        raise ValueError("not reproducible exactly: start_step must be 1, or 0 with update_every_n_steps 1")
+    t0 = next(t for t in itertools.count(max(start_step, 1)) if (t - start_step) % n == 0)
+    bias = (t0 - start_step + step_bias) // n - 1
     schedule = dict(schedule="constant") if decay is not None else dict(schedule="half_life",
                                                                        half_life_fraction=half_life_fraction,
                                                                        step_bias=bias)
-    return dict(schedule, update_every=n, count="firings", buffers="ignore", include_frozen=False)
+    held = dict(start_step=t0 - 1, before_start="hold") if t0 > 1 else {}
+    return dict(schedule, **held, update_every=n, count="firings", buffers="ignore", include_frozen=False)
 
 
 TORCHTITAN_CASES = {
@@ -401,6 +401,9 @@ TORCHTITAN_CASES = {
     "start_1_every_3_bias_5": dict(half_life_fraction=0.2, start_step=1, update_every_n_steps=3, step_bias=5),
     "start_1_every_4": dict(half_life_fraction=0.1, start_step=1, update_every_n_steps=4),
     "fixed_decay_every_2": dict(decay=0.97, start_step=1, update_every_n_steps=2),
+    "start_0_every_3": dict(half_life_fraction=0.2, update_every_n_steps=3),
+    "start_5": dict(half_life_fraction=0.1, start_step=5, step_bias=2),
+    "fixed_decay_start_6_every_4": dict(decay=0.97, start_step=6, update_every_n_steps=4),
 }
 
 
@@ -422,14 +425,6 @@ def test_torchtitan_ema(case):
 
 
 # ---------------------------------------------------------------------------- Lightning EMAWeightAveraging
-def lightning_should_update(step_idx: int, update_every_n_steps=1, update_starting_at_step=None) -> bool:
-    """pytorch_lightning 2.6.6 ``EMAWeightAveraging.should_update`` (the step branch), called by
-    ``on_train_batch_end`` with ``step_idx = trainer.global_step - 1``."""
-    meets_step_requirement = update_starting_at_step is None or step_idx >= update_starting_at_step
-    meets_step_frequency = update_every_n_steps > 0 and step_idx % update_every_n_steps == 0
-    return meets_step_requirement and meets_step_frequency
-
-
 def lightning_options(update_every_n_steps=1, update_starting_at_step=None, use_buffers=True):
     """The shardema options that reproduce EMAWeightAveraging (an AveragedModel with
     ``get_ema_avg_fn(decay)``: its first update copies): it updates at step indices that are
@@ -448,22 +443,35 @@ LIGHTNING_CASES = {
 
 @pytest.mark.parametrize("case", list(LIGHTNING_CASES))
 def test_lightning_ema_weight_averaging(case):
+    """lightning 2.6.6 itself: ``setup(stage="fit")`` builds the AveragedModel, and
+    ``on_train_batch_end`` decides (``should_update(step_idx=global_step - 1)``) and updates."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
     kwargs = dict(LIGHTNING_CASES[case])
-    use_buffers = kwargs.pop("use_buffers", True)
-    model = _net()
+    model = pl.LightningModule()  # the _net layers under the same names
+    for name, layer in _net().named_children():
+        model.add_module(name, layer)
     _set_live(model, -1)
-    peer = AveragedModel(model, avg_fn=get_ema_avg_fn(0.99), use_buffers=use_buffers)  # what setup() builds
-    options = lightning_options(**kwargs, use_buffers=use_buffers)
+    peer = EMAWeightAveraging(decay=0.99, **kwargs)
+    peer.setup(None, model, stage="fit")
+    options = lightning_options(**kwargs)
+    use_buffers = kwargs.get("use_buffers", True)
     ema = _ema(model, 0.99, **options)
+    firings = 0
     for call in range(STEPS):
         _set_live(model, call)
-        fires = lightning_should_update(call, **kwargs)
-        if fires:
-            peer.update_parameters(model)
+        trainer = types.SimpleNamespace(global_step=call + 1)  # optimizer steps so far: all the hook reads
+        peer.on_train_batch_end(trainer, model, None, None, call)
+        fires = peer._latest_update_step == call + 1
+        firings += fires
         ema.update()
         if call >= options["start_step"]:  # before its first update it holds the initial weights
             names = _params(model) + (_buffers(model, True) if use_buffers or fires else [])
-            _compare(_ours(ema), peer.module.state_dict(), names, 1e-12, f"call {call}")
+            _compare(_ours(ema), peer._average_model.module.state_dict(), names, 1e-12, f"call {call}")
+    n, start = kwargs.get("update_every_n_steps", 1), kwargs.get("update_starting_at_step") or 0
+    assert firings == len(range(options["start_step"], STEPS, n)) and options["start_step"] >= start
+    assert int(peer._average_model.n_averaged) == firings
 
 
 # ---------------------------------------------------------------------------- NeMo EMA (closed form)

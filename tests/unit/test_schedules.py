@@ -32,8 +32,9 @@ def _run(schedule: dict, steps: int, factors=(0.99, 0.9), samples=None):
     return {f: ema.shadow(f, (None, "weight")).view(-1) for f in factors}, ema
 
 
-def _replay(decay_of, steps: int, factors=(0.99, 0.9), update_every=1, start_step=0):
-    """The same EMA as a float64 loop, with the decay of each firing given by ``decay_of(f, call, firing)``."""
+def _replay(decay_of, steps: int, factors=(0.99, 0.9), update_every=1, start_step=0, hold=False):
+    """The same EMA as a float64 loop, with the decay of each firing given by ``decay_of(f, call, firing)``;
+    calls before ``start_step`` copy the live weights, or with ``hold`` leave the shadow alone."""
     out = {}
     for f in factors:
         shadow = _live(-1).clone()
@@ -41,7 +42,8 @@ def _replay(decay_of, steps: int, factors=(0.99, 0.9), update_every=1, start_ste
         for call in range(steps):
             live = _live(call)
             if call < start_step:
-                shadow = live.clone()
+                if not hold:
+                    shadow = live.clone()
             elif (call - start_step) % update_every == 0:
                 d = decay_of(f, call, firing)
                 shadow = d * shadow + (1 - d) * live
@@ -105,6 +107,51 @@ def test_min_decay_and_the_age_count_with_update_every(count):
 
     ours, _ = _run(schedule, STEPS)
     _assert_same(ours, _replay(power, STEPS, update_every=3, start_step=4))
+
+
+@pytest.mark.parametrize("kind", ["half_life", "edm"])
+def test_min_decay_floors_half_life_and_edm(kind):
+    """Both start with decays far below the floor (a short half-life so far; a ramped-up half-life of
+    few samples), so the floor decides the first firings and the kind's own decay the later ones."""
+    floor = 0.6
+    if kind == "half_life":
+        schedule = dict(kind="half_life", half_life_fraction=0.2, min_decay=floor, update_every=2)
+
+        def raw(f, call, firing):
+            return min(f, 2 ** (-1 / (0.2 * max(1, firing + 1))))
+        samples = None
+    else:
+        schedule = dict(kind="edm", half_life_samples=400.0, rampup_ratio=0.5, min_decay=floor)
+
+        def raw(f, call, firing):
+            return min(f, 0.5 ** (8 / max(min(400.0, 8 * call * 0.5), 1e-8)))
+        samples = lambda step: 8  # noqa: E731
+    every = schedule.get("update_every", 1)
+    decays = [raw(0.99, call, call // every) for call in range(0, STEPS, every)]
+    assert min(decays) < floor < max(decays)  # the floor binds early and lets go later
+    ours, _ = _run(schedule, STEPS, samples=samples)
+    expected = _replay(lambda f, call, firing: max(raw(f, call, firing), floor), STEPS, update_every=every)
+    _assert_same(ours, expected)
+    unfloored = _replay(raw, STEPS, update_every=every)
+    assert not torch.allclose(unfloored[0.99], expected[0.99])  # the floor changed the result
+
+
+def test_before_start_hold_keeps_the_initial_weights_until_the_first_firing():
+    schedule = dict(kind="warmup", start_step=5, update_every=2, before_start="hold")
+    decay = lambda f, call, firing: min(f, (1 + call - 5) / (10 + call - 5))  # noqa: E731
+    ours, ema = _run(schedule, 4)
+    assert ema.current_decays() == {0.99: 1.0, 0.9: 1.0}  # held, not copied
+    _assert_same(ours, {f: _live(-1) for f in (0.99, 0.9)})  # still the weights it was created with
+    ours, ema = _run(schedule, STEPS)
+    _assert_same(ours, _replay(decay, STEPS, update_every=2, start_step=5, hold=True))
+    copied = _replay(decay, STEPS, update_every=2, start_step=5)
+    assert not torch.allclose(_run(dict(schedule, before_start="copy"), 6)[0][0.9],
+                              _run(schedule, 6)[0][0.9])  # the first firing averages in different weights
+    _assert_same(_run(dict(schedule, before_start="copy"), STEPS)[0], copied)
+    cfg = EMAConfig(target_factors=[0.9], start_step=3, before_start="hold")  # flat, like every schedule option
+    assert cfg.schedule.before_start == "hold" and EMAConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    with pytest.raises(ValueError, match="before_start"):
+        DecaySchedule(before_start="keep")
 
 
 def test_first_update_copies_also_with_update_every():
@@ -171,14 +218,36 @@ def test_copy_to_leaves_the_ema_in_the_model_for_good():
         ema.copy_to(0.7)
 
 
+def test_copy_to_a_subset_of_model_paths_leaves_the_others_live():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    ema = ShardedEMA(model, [0.9, 0.5], model_paths=["0", "1"])
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema.copy_to(0.5, model_paths=["1"])
+    for name in ("1.weight", "1.bias"):  # 0.5 * start + 0.5 * (start + 1), independently of the shadows
+        torch.testing.assert_close(model.get_parameter(name), start[name] + 0.5, rtol=0, atol=1e-6)
+    for name in ("0.weight", "0.bias"):
+        assert torch.equal(model.get_parameter(name), live[name]), name
+    with pytest.raises(ValueError, match="'2'"):
+        ema.copy_to(0.5, model_paths=["2"])
+
+
 def test_include_and_exclude_patterns_choose_tensors_by_name():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     ema = ShardedEMA(model, [0.9], exclude=["*.bias", "1.*"])
     assert sorted(t.fqn for t in ema.tracked()) == ["0.weight", "2.weight"]
     ema = ShardedEMA(model, [0.9], include=["2.*"])
     assert sorted(t.fqn for t in ema.tracked()) == ["2.bias", "2.weight"]
-    with pytest.raises(ValueError, match=r"pattern\(s\) \['3.\*'\] match no tracked tensor"):
+    with pytest.raises(ValueError, match=r"include pattern\(s\) \['3.\*'\] match no tracked tensor"):
         ShardedEMA(model, [0.9], include=["2.*", "3.*"])
+    with pytest.raises(ValueError, match=r"^exclude pattern\(s\) \['\*.Bias'\] match no tracked tensor.*e.g. "
+                                         r"0.weight, 0.bias"):
+        ShardedEMA(model, [0.9], exclude=["1.*", "*.Bias"])  # case-sensitive: a typo is an error, not a no-op
     with pytest.raises(ValueError, match="no parameters to average"):
         ShardedEMA(model, [0.9], exclude=["*"])
 
@@ -188,6 +257,12 @@ def test_warnings_where_peers_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="shardema"):
         ShardedEMA(model, [0.9999, 0.9], shadow_dtype="bfloat16")
     assert "bfloat16 shadows" in caplog.text and "[0.9999]" in caplog.text
+    caplog.clear()
+    # float16 resolves 2**-10 ~ 9.8e-4: 1 - 0.9995 is below it, 1 - 0.999 is not (bfloat16 would flag both).
+    with caplog.at_level(logging.WARNING, logger="shardema"):
+        ShardedEMA(model, [0.9995, 0.999], shadow_dtype="float16")
+    assert "float16 shadows (resolution 0.000977) with decay [0.9995]" in caplog.text
+    assert "bfloat16" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="shardema"):
         ShardedEMA(model, [0.9], schedule="warmup", power=0.75)
