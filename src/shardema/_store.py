@@ -16,7 +16,9 @@ owns those and is the only caller of the mutating methods except through
 from __future__ import annotations
 
 import fnmatch
+import operator
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 
@@ -73,23 +75,38 @@ class _Watch:
     """What an ``update()`` compares, per tensor, to know its cached plan is still valid.
 
     For each tracked tensor: its registration table, attribute name, the object registered
-    there when the plan was built and the storage pointer of its local piece. One
-    ``dict.get``, one identity test and one ``data_ptr()`` per tensor; no device access.
+    there when the plan was built and the storage pointer of its local piece. The check
+    runs as ``map`` over flat lists (C loops, no Python frame per tensor): one ``dict.get``,
+    one identity test and one ``data_ptr()`` per tensor, about 0.1 us; no device access.
+    The storage pointer is what sees ``p.data = x`` (the same Parameter object over new
+    storage), which no registration table or module-level counter shows.
     """
 
     def __init__(self, members: Sequence[TrackedTensor], lives: Sequence[torch.Tensor]):
-        self.entries = [(t.registry, t.attr, t.current(), live.data_ptr()) for t, live in zip(members, lives)]
+        self.registries = [t.registry for t in members]
+        self.attrs = [t.attr for t in members]
+        self.registered = [t.current() for t in members]
+        self.dtensors = any(isinstance(v, DTensor) for v in self.registered)
+        self.ptrs = [live.data_ptr() for live in lives]
 
     def unchanged(self) -> bool:
         """True while every registered object and its local storage are the ones the plan holds."""
-        for registry, attr, registered, ptr in self.entries:
-            value = registry.get(attr)
-            if value is not registered or value is None:
-                return False
-            local = local_tensor(value) if isinstance(value, DTensor) else value
-            if local.data_ptr() != ptr:
-                return False
-        return True
+        values = list(map(dict.get, self.registries, self.attrs))
+        # Identity only: ``==`` on tensors would compare values. A removed entry (None) fails too.
+        if not all(map(operator.is_, values, self.registered)):
+            return False
+        lives = cast(list[torch.Tensor], values)  # every entry is the registered tensor
+        if self.dtensors:
+            lives = list(map(_local_piece, lives))
+        return list(map(_DATA_PTR, lives)) == self.ptrs
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def _local_piece(value: torch.Tensor) -> torch.Tensor:
+    return local_tensor(value) if isinstance(value, DTensor) else value
 
 
 class ShadowStore:
@@ -117,12 +134,12 @@ class ShadowStore:
         # Submodule registrations down to every owner: a replaced submodule would leave the
         # EMA averaging a detached module.
         self._edges = module_edges(model, list(owners.values()))
-        self._refresh_checks()
         # Parameters left out because they were frozen: unfreezing one later is an error.
         self._frozen = [] if config.include_frozen else [
             (mp, fqn, p) for mp, fqn, p in frozen_parameters(model, config.model_paths)
             if (config.include is None or any(fnmatch.fnmatchcase(fqn, pat) for pat in config.include))
             and not any(fnmatch.fnmatchcase(fqn, pat) for pat in config.exclude)]
+        self._refresh_checks()
 
     def _collect(self) -> list[TrackedTensor]:
         tracked = collect(self.model, self.config.model_paths, include_frozen=self.config.include_frozen,
@@ -273,10 +290,13 @@ class ShadowStore:
         return self._copy_pairs
 
     def _refresh_checks(self) -> None:
-        """The flat lists the steady-state structure check reads (registration dicts, edges)."""
-        self._table_sizes = [(table, len(table)) for m, _ in self._owner_counts
-                             for table in (module_parameters(m), module_buffers(m))]
-        self._edge_checks = [(module_children(parent), name, child) for parent, name, child, _ in self._edges]
+        """The flat lists the steady-state structure check maps over (registration dicts, edges)."""
+        self._tables = [table for m, _ in self._owner_counts for table in (module_parameters(m), module_buffers(m))]
+        self._table_sizes = [len(table) for table in self._tables]
+        self._edge_dicts = [module_children(parent) for parent, _, _, _ in self._edges]
+        self._edge_names = [name for _, name, _, _ in self._edges]
+        self._edge_children = [child for _, _, child, _ in self._edges]
+        self._frozen_params = [param for _, _, param in self._frozen]
 
     def check_structure(self) -> None:
         """Raise naming the FQNs added to or removed from the tracked model paths.
@@ -288,10 +308,11 @@ class ShadowStore:
         A change the EMA does not track (a non-persistent buffer, an ignored buffer, a
         frozen parameter with ``include_frozen=False``) only refreshes the counts.
         """
-        if all(len(table) == n for table, n in self._table_sizes) and \
-                all(children.get(name) is child for children, name, child in self._edge_checks) and \
-                not any(param.requires_grad for _, _, param in self._frozen):
-            return  # the steady state: O(modules) dict lookups, no tensor touched
+        # The steady state: O(modules) C-level maps (no Python frame per module), no tensor touched.
+        if list(map(len, self._tables)) == self._table_sizes and \
+                all(map(operator.is_, map(dict.get, self._edge_dicts, self._edge_names), self._edge_children)) and \
+                not any(map(_REQUIRES_GRAD, self._frozen_params)):
+            return
         for parent, name, child, path in self._edges:
             if module_children(parent).get(name) is not child:
                 raise RuntimeError(

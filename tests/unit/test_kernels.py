@@ -208,3 +208,59 @@ def test_exchange_swaps_every_element_through_the_scratch(threads, sizes, layout
         torch.set_num_threads(previous)
     for x, y, x0, y0 in zip(a, b, a0, b0):
         assert torch.equal(x, y0) and torch.equal(y, x0)
+
+
+def _carved(storage: torch.Tensor, shapes, gaps=()):
+    """Views of ``storage`` with the given shapes, one after the other (``gaps``: skip an element before these)."""
+    views, offset = [], 0
+    for i, shape in enumerate(shapes):
+        offset += 1 if i in gaps else 0
+        numel = torch.Size(shape).numel()
+        views.append(storage[offset:offset + numel].view(shape))
+        offset += numel
+    return views
+
+
+def _plan_tensors(plan) -> int:
+    return sum(len(b.selfs) for batches in [plan._inline, *plan._runs] for b in batches)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("live_dtype,shadow_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16-fp32"])
+@pytest.mark.parametrize("num_factors", [1, 3])
+def test_storage_neighbours_are_updated_as_one_tensor(layout, live_dtype, shadow_dtype, num_factors):
+    """Live tensors carved from one flat buffer: runs of neighbours become one view, values as the loop."""
+    shapes = [(7, 3), (5,), (0, 4), (), (40,), (2, 2, 2), (6,), (33, 5)]
+    g = torch.Generator().manual_seed(0)
+    flat_live = torch.randn(400, generator=g).to(live_dtype)
+    # a gap before tensor 4 ends the first run; tensor 6 lives in its own storage
+    lives = _carved(flat_live, shapes, gaps=(4,))
+    lives[6] = torch.randn(6, generator=g).to(live_dtype)
+    flat_shadow = torch.randn(num_factors, 400, generator=g).to(shadow_dtype)
+    shadows = [_carved(flat_shadow[k], shapes) for k in range(num_factors)]
+    untouched = flat_shadow[:, 246:].clone()  # after the last shadow: a run must not spill into it
+    scratch = torch.empty(1024, dtype=shadow_dtype) if live_dtype != shadow_dtype else None  # one batch
+    plan = LerpPlan(shadows, lives, chunk_numel=1 << 18, scratch=scratch, layout=layout)
+    # runs: [0, 1, 3] (the empty tensor 2 is skipped), [4, 5], [6], [7]
+    assert _plan_tensors(plan) == 4 * num_factors
+    _check_against_reference(plan, lives, shadows, WEIGHTS[num_factors], shadow_dtype)
+    plan.copy()
+    for k in range(num_factors):
+        for shadow, live in zip(shadows[k], lives):
+            torch.testing.assert_close(shadow, live.to(shadow_dtype), rtol=0, atol=0)
+    assert torch.equal(flat_shadow[:, 246:], untouched)
+
+
+def test_a_run_of_neighbours_is_cut_into_cpu_pieces(monkeypatch):
+    """A coalesced run longer than a CPU piece is cut like any big tensor, over several workers."""
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_NUMEL", 1)
+    monkeypatch.setattr(kernels, "CPU_PIECE_NUMEL", 16)
+    monkeypatch.setattr(kernels.torch, "get_num_threads", lambda: 2)
+    shapes = [(5, 3)] * 6 + [(4,)] * 3
+    g = torch.Generator().manual_seed(2)
+    lives = _carved(torch.randn(200, generator=g), shapes)
+    shadows = [_carved(torch.randn(200, generator=g), shapes) for _ in range(3)]
+    plan = LerpPlan(shadows, lives, chunk_numel=1 << 18, scratch=None, layout="cpu")
+    assert len(plan._runs) == 2 and _plan_tensors(plan) == 3 * 7  # 102 elements: 7 pieces of <= 16
+    _check_against_reference(plan, lives, shadows, WEIGHTS[3], torch.float32)

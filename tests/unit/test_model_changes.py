@@ -86,6 +86,25 @@ def test_assigning_param_data_is_followed_by_the_next_update():
     torch.testing.assert_close(ema.shadow(0.5, (None, "0.weight")), expected, rtol=0, atol=1e-6)
 
 
+def test_every_kind_of_replaced_live_tensor_is_seen_by_the_next_update():
+    """The per-update watch compares registered objects and storage pointers for every tensor."""
+    model = _model()
+    ema = ShardedEMA(model, [0.5])
+    ema.update()
+    key = (None, "2.bias")
+    before = ema.shadow(0.5, key).clone()
+    model[2].bias = nn.Parameter(torch.full((2,), 3.0))  # a new object: same name, count and shape
+    ema.update()
+    torch.testing.assert_close(ema.shadow(0.5, key), 0.5 * before + 1.5, rtol=0, atol=1e-6)
+    before = ema.shadow(0.5, key).clone()
+    model[2].bias.data = torch.full((2,), -1.0)  # then new storage under that object
+    ema.update()
+    torch.testing.assert_close(ema.shadow(0.5, key), 0.5 * before - 0.5, rtol=0, atol=1e-6)
+    model[2]._parameters["bias"] = None  # same registration count, no tensor
+    with pytest.raises(RuntimeError, match=r"'2.bias'.*no longer registered"):
+        ema.update()
+
+
 def test_a_dtype_change_after_creation_raises_naming_the_fqn():
     model = _model()
     ema = ShardedEMA(model, [0.9])
