@@ -1009,3 +1009,71 @@ def test_cleanup_goes_on_past_a_model_path_without_a_directory(tmp_path, caplog)
     assert cleanup_leftovers(tmp_path, ["a", "b"]) == [staging]  # "a" has no directory
     assert not staging.exists()
     assert f"removed leftovers of interrupted saves: {staging}" in caplog.messages
+
+
+# ---------------------------------------------------------------------- asynchronous saves (checkpoint/_async.py)
+def test_an_asynchronous_save_reports_its_tag_to_wait_and_to_finish(tmp_path):
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    ema.update()
+    handle = ema.save(tmp_path, "T", blocking=False)
+    assert handle.wait() == "T"
+    assert handle.finish() == "T"  # already seen by wait(): the tag again, no error
+    assert isinstance(handle.staging_seconds, float) and handle.staging_seconds >= 0
+    manifest = json.loads((tmp_path / "model" / "cp=T" / "manifest.json").read_text())
+    assert (manifest["shadow_dtype"], manifest["buffers"]) == ("float32", "copy")
+
+
+def test_the_staged_ema_answers_like_the_ema(tmp_path):
+    from shardema.checkpoint._async import StagedEMA
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["a", "b"])
+    staged = StagedEMA(ema, ema.store.stage(None, pin_memory=False), None)
+    assert [t.fqn for t in staged.tracked(["b"])] == ["weight", "bias"]
+    assert [t.key for t in staged.tracked()] == [t.key for t in ema.tracked()]
+    assert torch.equal(staged.shadow(0.9, ("a", "weight")), ema.shadow(0.9, ("a", "weight")))
+    with pytest.raises(ValueError, match=r"^factor 0\.5 is not one of the saved factors \[0\.9\]$"):
+        staged.shadow(0.5, ("a", "weight"))
+
+
+def test_an_asynchronous_save_in_another_dtype_and_its_staging_time(tmp_path):
+    import time
+
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    ema.update()
+    before = time.perf_counter()
+    handle = ema.save(tmp_path, "T", blocking=False, dtype=torch.bfloat16)
+    elapsed = time.perf_counter() - before
+    assert 0 <= handle.staging_seconds <= elapsed  # a part of the call, measured inside it
+    assert handle.wait() == "T"
+    stored = load_file(str(tmp_path / "model" / "cp=T" / "ema=0.9" / "rank-00000-of-00001.safetensors"))
+    assert stored["a.weight"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------- checksums (checkpoint/_checksum.py)
+def test_a_running_crc32c_continues_from_its_value():
+    from shardema.checkpoint._checksum import CRC32C, digest
+
+    # docs/checkpoint-format.md: the check value of b"123456789" is e3069283
+    assert digest(CRC32C, b"456789", digest(CRC32C, b"123")) == 0xE3069283
+
+
+def test_one_hashing_thread_per_process(monkeypatch):
+    import threading
+
+    from shardema.checkpoint import _checksum
+
+    monkeypatch.setattr(_checksum, "_pool", None)  # as in a new process
+    pool = _checksum.hashing_pool()
+    assert _checksum.hashing_pool() is pool
+    release = threading.Event()
+    first = pool.submit(lambda: (release.wait(30), threading.current_thread().name)[1])
+    second = pool.submit(lambda: threading.current_thread().name)  # queued behind the first: one thread
+    release.set()
+    assert first.result() == second.result()
+    assert first.result().startswith("shardema-hash")
+    pool.shutdown()
