@@ -499,3 +499,581 @@ def test_the_sample_counters_are_restored(tmp_path):
     fresh = shardema.ShardedEMA(TwoPaths(), FACTORS)
     assert fresh.resume(tmp_path) == "latest"
     assert fresh.samples_seen == 48
+
+
+# ---------------------------------------------------------------------- resharding from hand-made rank files
+def _crc32c_hex(data: bytes) -> str:
+    import crc32c
+
+    return f"{crc32c.crc32c(data) & 0xFFFFFFFF:08x}"
+
+
+def _write_rank_file(path: Path, tensors: dict, offsets: dict, save_id: str) -> dict:
+    """One rank file of a format-2 save (docs/checkpoint-format.md), written with safetensors itself."""
+    from safetensors.torch import save_file
+
+    pieces = {name: {"offset": offsets[name], "shape": list(t.shape)} for name, t in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "shardema-ema", "format_version": "2", "save_id": save_id,
+                                            "tensors": json.dumps(pieces)})
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    return {"size": len(data), "header_crc32c": _crc32c_hex(data[:header_end]),
+            "pieces": {name: dict(pieces[name], crc32c=_crc32c_hex(t.contiguous().view(torch.uint8).numpy().tobytes()))
+                       for name, t in tensors.items()}}
+
+
+def _as_two_ranks(cp_dir: Path) -> dict:
+    """Rewrite a one-rank save of ``TwoPaths`` (one factor) as a save of 2 ranks; return the saved tensors.
+
+    Rank 0 holds row 0 of ``a.weight`` only; rank 1 holds row 1 of ``a.weight`` and every other tensor
+    whole, so the first file lacks most tensors and ``a.weight`` has two pieces.
+    """
+    from safetensors.torch import load_file
+
+    manifest_path = cp_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    (entry,) = manifest["files"]
+    saved = load_file(str(cp_dir / entry["path"]))
+    (cp_dir / entry["path"]).unlink()
+    weight = saved["a.weight"]
+    layout = {0: ({"a.weight": weight[:1].clone()}, {"a.weight": [0, 0]}),
+              1: ({"a.weight": weight[1:].clone(), **{k: v for k, v in saved.items() if k != "a.weight"}},
+                  {"a.weight": [1, 0], **{k: [0] * v.dim() for k, v in saved.items() if k != "a.weight"}})}
+    files = []
+    for rank, (tensors, offsets) in layout.items():
+        path = f"ema=0.9/rank-0000{rank}-of-00002.safetensors"
+        files.append({"path": path, "factor": 0.9, "rank": rank,
+                      **_write_rank_file(cp_dir / path, tensors, offsets, manifest["save_id"])})
+    manifest.update(world_size=2, files=files)
+    manifest_path.write_text(json.dumps(manifest))
+    return saved
+
+
+def _two_rank_save(root: Path) -> dict:
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    ema.update()
+    ema.save(root, "latest")
+    return _as_two_ranks(root / "model" / "cp=latest")
+
+
+def test_one_rank_resumes_a_save_of_two_ranks_whose_files_hold_different_tensors(tmp_path):
+    saved = _two_rank_save(tmp_path)
+    torch.manual_seed(1)
+    fresh = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    assert fresh.resume(tmp_path, strict=True) == "latest"
+    for fqn, value in saved.items():
+        assert torch.equal(fresh.shadow(0.9, (None, fqn)), value), fqn
+
+
+class _RankOfTwo:
+    """What rank 1 of a 2-way row split of ``a.weight`` (and nothing else) asks a load for."""
+
+    def __init__(self, offset, shape):
+        from types import SimpleNamespace
+
+        self.t = SimpleNamespace(model_path=None, fqn="a.weight", key=(None, "a.weight"), blended=True,
+                                 global_offset=tuple(offset), local_shape=tuple(shape),
+                                 local_numel=shape[0] * shape[1])
+        self.shadow_tensor = torch.full(tuple(shape), float("nan"))
+
+    def tracked(self, model_paths=None):
+        return [self.t]
+
+    def shadow(self, k, key):
+        assert (k, key) == (0, (None, "a.weight"))
+        return self.shadow_tensor
+
+
+def test_a_rank_reads_only_its_rows_at_their_offset(tmp_path):
+    from shardema.checkpoint import _reader
+
+    saved = _two_rank_save(tmp_path)
+    (candidate,) = find_candidates(tmp_path, [None], "latest")
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    second = _RankOfTwo([1, 0], [1, 2])  # row 1: only rank 1's piece overlaps it
+    reads = _reader.plan_reads(ema, second, candidate)
+    assert [(path.name, piece["offset"]) for path, plan in reads.items() for _, _, piece, _ in plan] == [
+        ("rank-00001-of-00002.safetensors", [1, 0])]
+    _reader._load(ema, second, candidate)
+    assert torch.equal(second.shadow_tensor, saved["a.weight"][1:])
+
+
+def test_pieces_that_do_not_cover_a_rank_are_a_bug_naming_the_counts(tmp_path):
+    from shardema.checkpoint import _reader
+
+    _two_rank_save(tmp_path)
+    (candidate,) = find_candidates(tmp_path, [None], "latest")
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    with pytest.raises(AssertionError, match=r"^'a.weight': saved pieces cover 4 of 6 local elements$"):
+        _reader.plan_reads(ema, _RankOfTwo([0, 0], [3, 2]), candidate)
+
+
+def _data_starts(path: Path) -> dict:
+    """FQN -> offset in the file of its bytes, from the safetensors header (8-byte length, JSON)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    return {name: 8 + n + info["data_offsets"][0] for name, info in header.items() if name != "__metadata__"}
+
+
+def test_each_piece_is_read_once_and_a_copied_tensor_from_the_first_factor_only(tmp_path, monkeypatch):
+    from shardema.checkpoint import _reader
+
+    def model():
+        return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(model(), (0.9, 0.99))  # buffers="copy": the BatchNorm buffers are copied
+    ema.update()
+    ema.save(tmp_path, "latest")
+    cp = tmp_path / "model" / "cp=latest"
+    starts = {d: _data_starts(next((cp / d).iterdir())) for d in ("ema=0.9", "ema=0.99")}
+    blended = ["0.weight", "0.bias", "1.weight", "1.bias"]
+    copied = ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    expected = sorted([("ema=0.9", starts["ema=0.9"][n]) for n in blended + copied]
+                      + [("ema=0.99", starts["ema=0.99"][n]) for n in blended])
+    reads = []
+    real = _reader.read_exactly
+
+    def read_exactly(f, offset, into, path):
+        reads.append((path.parent.name, offset))
+        return real(f, offset, into, path)
+
+    monkeypatch.setattr(_reader, "read_exactly", read_exactly)
+    torch.manual_seed(1)
+    assert shardema.ShardedEMA(model(), (0.9, 0.99)).resume(tmp_path) == "latest"
+    assert sorted(reads) == expected
+
+
+def test_a_candidate_deleted_while_read_is_not_adopted(tmp_path, monkeypatch):
+    from shardema.checkpoint import _reader
+
+    _save(tmp_path, None, tag="latest")
+    real = _reader._load
+
+    def load_then_delete(ema, load, candidate):
+        real(ema, load, candidate)
+        shutil.rmtree(tmp_path / "model" / "cp=latest")  # deleted by another job meanwhile
+
+    monkeypatch.setattr(_reader, "_load", load_then_delete)
+    torch.manual_seed(1)
+    fresh = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    assert fresh.resume(tmp_path) is None
+    assert fresh.step == 0
+
+
+def test_a_candidate_replaced_while_read_gives_way_to_the_new_save(tmp_path, monkeypatch):
+    from shardema.checkpoint import _reader
+
+    _save(tmp_path, None, tag="latest")
+    torch.manual_seed(5)
+    newer = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    for _ in range(3):
+        newer.update()
+    real = _reader._load
+    calls = []
+
+    def load_then_commit(ema, load, candidate):
+        real(ema, load, candidate)
+        calls.append(candidate.save_id)
+        if len(calls) == 1:
+            newer.save(tmp_path, "latest")  # another job commits a newer save of the tag meanwhile
+
+    monkeypatch.setattr(_reader, "_load", load_then_commit)
+    torch.manual_seed(1)
+    fresh = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    assert fresh.resume(tmp_path) == "latest"
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert fresh.step == 3
+    for t in newer.tracked():
+        assert torch.equal(fresh.shadow(0.9, t.key), newer.shadow(0.9, t.key)), t.fqn
+
+
+def test_a_label_of_other_model_paths_does_not_hide_an_overlapping_save(tmp_path):
+    _save(tmp_path, ["a"], tag="latest")  # "a" sorts before "model" and does not overlap "b"
+    _save(tmp_path, None, tag="latest")
+    torch.manual_seed(2)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["b"])
+    with pytest.raises(shardema.checkpoint.CheckpointMismatchError, match=r"\(model paths \['model'\]\)"):
+        ema.resume(tmp_path)
+
+
+def test_a_directory_that_is_no_model_path_adds_nothing_to_the_overlap_listing(tmp_path):
+    _save(tmp_path, ["a"], tag="latest")
+    shutil.copytree(tmp_path / "a", tmp_path / "a copy")  # a copy under a name that is no model path
+    torch.manual_seed(2)
+    with pytest.raises(shardema.checkpoint.CheckpointMismatchError) as info:
+        shardema.ShardedEMA(TwoPaths(), FACTORS).resume(tmp_path)
+    assert str(info.value).count("(model paths ['a'])") == 1
+
+
+# ---------------------------------------------------------------------- verify_file against hand-made files
+def _hand_made_file(path: Path, metadata: dict) -> dict:
+    """A safetensors file of one 2x2 float32 tensor ``w`` with ``metadata``; its format-2 manifest entry."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.arange(4.0).reshape(2, 2)}, str(path), metadata=metadata)
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    return {"path": "ema=0.9/rank-00000-of-00001.safetensors", "factor": 0.9, "rank": 0, "size": len(data),
+            "header_crc32c": _crc32c_hex(data[:header_end]),
+            "pieces": {"w": {"offset": [0, 0], "shape": [2, 2],
+                             "crc32c": _crc32c_hex(torch.arange(4.0).numpy().tobytes())}}}
+
+
+def _w_metadata(**pieces) -> dict:
+    return {"save_id": "s", "tensors": json.dumps({"w": {"offset": [0, 0], "shape": [2, 2]}, **pieces})}
+
+
+def test_verify_file_checks_the_header_checksum(tmp_path):
+    from shardema.checkpoint._reader import verify_file
+
+    path = tmp_path / "f.safetensors"
+    entry = _hand_made_file(path, dict(_w_metadata(), tag="AB"))
+    assert verify_file(path, entry, "s") is None
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"AB"')
+    data[at + 1:at + 3] = b"BA"  # same size, other metadata
+    path.write_bytes(bytes(data))
+    got = _crc32c_hex(bytes(data[:8 + int.from_bytes(data[:8], "little")]))
+    assert got != entry["header_crc32c"]
+    assert verify_file(path, entry, "s") == (
+        f"{path}: header CRC-32C {got}, the manifest says {entry['header_crc32c']} (corrupt)")
+
+
+def test_verify_file_names_the_save_a_file_belongs_to(tmp_path):
+    from shardema.checkpoint._reader import verify_file
+
+    path = tmp_path / "f.safetensors"
+    entry = _hand_made_file(path, _w_metadata())
+    assert verify_file(path, entry, "other") == f"{path}: belongs to save 's', not 'other'"
+
+
+def test_verify_file_compares_each_piece_with_the_header(tmp_path):
+    from shardema.checkpoint._reader import verify_file
+
+    path = tmp_path / "f.safetensors"
+    entry = _hand_made_file(path, _w_metadata())
+    moved = json.loads(json.dumps(entry))
+    moved["pieces"]["w"]["offset"] = [1, 0]  # the header says [0, 0]; its shape agrees
+    assert verify_file(path, moved, "s") == f"{path}: piece 'w' differs from the manifest"
+    # metadata without a piece table: every piece differs
+    bare = _hand_made_file(path, {"save_id": "s"})
+    assert verify_file(path, bare, "s") == f"{path}: piece 'w' differs from the manifest"
+    # a piece the metadata lists but the file does not hold
+    ghost = _hand_made_file(path, _w_metadata(ghost={"offset": [0], "shape": [1]}))
+    ghost["pieces"]["ghost"] = {"offset": [0], "shape": [1], "crc32c": "00000000"}
+    assert verify_file(path, ghost, "s") == f"{path}: piece 'ghost' differs from the manifest"
+
+
+def test_verify_file_names_the_file_inside_an_unreadable_header(tmp_path):
+    from shardema.checkpoint._reader import verify_file
+
+    path = tmp_path / "f.safetensors"
+    entry = _hand_made_file(path, _w_metadata())
+    data = bytearray(path.read_bytes())
+    data[:8] = (len(data)).to_bytes(8, "little")  # a header longer than the file
+    path.write_bytes(bytes(data))
+    problem = verify_file(path, entry, "s")
+    assert problem is not None and problem.startswith(f"{path}: unreadable (ValueError: {path}: header length ")
+
+
+def test_structure_differences_of_one_process_compare_its_own_tensors(tmp_path):
+    from shardema.checkpoint._reader import structure_differences
+
+    _save(tmp_path, ["b"], tag="latest")
+    (candidate,) = find_candidates(tmp_path, ["b"], "latest")
+    assert structure_differences(shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["b"]), candidate) == []
+    model = TwoPaths()
+    model.b = nn.Linear(2, 3)
+    assert structure_differences(shardema.ShardedEMA(model, FACTORS, model_paths=["b"]), candidate) == [
+        "b: 'weight' has shape [3, 2] in the model but [1, 2] in cp=latest",
+        "b: 'bias' has shape [3] in the model but [1] in cp=latest"]
+
+
+def test_the_mismatch_error_lists_one_difference_a_line_then_the_hint(tmp_path):
+    _save(tmp_path, ["b"], tag="latest")
+    model = TwoPaths()
+    model.b = nn.Linear(2, 3)
+    with pytest.raises(shardema.checkpoint.CheckpointMismatchError) as info:
+        shardema.ShardedEMA(model, FACTORS, model_paths=["b"]).resume(tmp_path)
+    assert str(info.value) == (
+        f"the EMA checkpoint {tmp_path / 'b' / 'cp=latest'} does not match this EMA (2 difference(s)):\n"
+        "  b: 'weight' has shape [3, 2] in the model but [1, 2] in cp=latest\n"
+        "  b: 'bias' has shape [3] in the model but [1] in cp=latest\n"
+        "resume with the model and EMA options used for saving, or save to a new root")
+
+
+def test_a_skipped_candidate_is_logged_with_every_problem(tmp_path, caplog):
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), (0.9, 0.99))
+    ema.update()
+    ema.save(tmp_path, "latest")
+    cp = tmp_path / "model" / "cp=latest"
+    paths = [cp / "ema=0.9" / "rank-00000-of-00001.safetensors", cp / "ema=0.99" / "rank-00000-of-00001.safetensors"]
+    sizes = [p.stat().st_size for p in paths]
+    for p in paths:
+        with open(p, "ab") as f:
+            f.write(b"\0")
+    assert shardema.ShardedEMA(TwoPaths(), (0.9, 0.99)).resume(tmp_path) is None
+    problems = [f"{p}: size {s + 1} bytes, the manifest says {s} (truncated or overwritten)"
+                for p, s in zip(paths, sizes)]
+    assert f"skipping EMA checkpoint {cp}: {problems[0]}; {problems[1]}" in caplog.messages
+
+
+def test_a_piece_failing_its_checksum_is_logged_with_the_rank_and_the_error_type(tmp_path, caplog):
+    _save(tmp_path, None, tag="latest")
+    cp = tmp_path / "model" / "cp=latest"
+    path = cp / "ema=0.9" / "rank-00000-of-00001.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # the last piece's data: the header still verifies
+    path.write_bytes(bytes(raw))
+    assert shardema.ShardedEMA(TwoPaths(), FACTORS).resume(tmp_path) is None
+    skipped = [m for m in caplog.messages if m.startswith("skipping EMA checkpoint")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipping EMA checkpoint {cp}: rank 0: ValueError: {path}: ")
+
+
+def test_two_versions_of_one_step_are_tried_current_then_old(tmp_path):
+    from shardema.checkpoint._reader import _discover
+
+    new_id = _save(tmp_path, None, tag="latest")
+    old_id = _save(tmp_path / "other", None, tag="latest")  # the same step
+    shutil.move(tmp_path / "other" / "model" / "cp=latest", tmp_path / "model" / "cp=latest.old")
+    candidates, problems = _discover(tmp_path, [None], ("latest",))
+    assert [(c.save_id, c.versions[None].directory.name) for c in candidates] == [
+        (new_id, "cp=latest"), (old_id, "cp=latest.old")]
+    assert problems == []
+
+
+def test_saves_of_other_model_paths_do_not_matter_when_ours_exist(tmp_path):
+    _save(tmp_path, ["a"], tag="latest")
+    _save(tmp_path, None, tag="latest")  # overlaps "a", in another directory
+    torch.manual_seed(2)
+    assert shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["a"]).resume(tmp_path) == "latest"
+
+
+def test_the_overlap_error_lists_every_save_of_the_other_model_paths(tmp_path):
+    _save(tmp_path, None, tag="latest")
+    _save(tmp_path, None, tag="last")
+    torch.manual_seed(2)
+    with pytest.raises(shardema.checkpoint.CheckpointMismatchError) as info:
+        shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["a"]).resume(tmp_path)
+    assert str(info.value) == (
+        f"no EMA checkpoint for model paths ['a'] under {tmp_path}, but there are checkpoints of overlapping model "
+        f"paths: {tmp_path / 'model' / 'cp=latest'} (model paths ['model']); {tmp_path / 'model' / 'cp=last'} "
+        "(model paths ['model']); resume with the model paths used for saving, or save to a new root")
+
+
+def test_a_directory_without_a_valid_manifest_is_logged_as_ignored(tmp_path, caplog):
+    _save(tmp_path, None, tag="last")
+    _write_manifest(tmp_path / "model" / "cp=latest", "{")
+    torch.manual_seed(2)
+    assert shardema.ShardedEMA(TwoPaths(), FACTORS).resume(tmp_path) == "last"
+    ignored = [m for m in caplog.messages if m.startswith("ignoring ")]
+    assert len(ignored) == 1 and ignored[0].startswith(f"ignoring {tmp_path / 'model' / 'cp=latest' / 'manifest.json'}")
+
+
+def test_the_samples_since_the_last_firing_are_restored(tmp_path):
+    from shardema.config import DecaySchedule
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS, schedule=DecaySchedule(update_every=4))
+    for _ in range(3):
+        ema.update(num_samples=10)
+    pending = ema.counters()["samples_pending"]
+    assert pending in (20.0, 30.0)  # the first call or none of them fired
+    ema.save(tmp_path, "latest")
+    fresh = shardema.ShardedEMA(TwoPaths(), FACTORS, schedule=DecaySchedule(update_every=4))
+    assert fresh.resume(tmp_path) == "latest"
+    assert fresh.counters() == {"samples_seen": 30.0, "samples_pending": pending}
+
+
+def test_a_full_verification_names_the_corrupt_piece_and_both_checksums(tmp_path):
+    from shardema.checkpoint._reader import verify_file
+
+    path = tmp_path / "f.safetensors"
+    entry = _hand_made_file(path, _w_metadata())
+    assert verify_file(path, entry, "s", full=True) is None
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of w's data
+    path.write_bytes(bytes(data))
+    assert verify_file(path, entry, "s") is None  # the header alone still verifies
+    got = _crc32c_hex(bytes(data[-16:]))
+    assert verify_file(path, entry, "s", full=True) == (
+        f"{path}: piece 'w' has CRC-32C {got}, the manifest says {entry['pieces']['w']['crc32c']} (corrupt)")
+
+
+def test_a_tensor_without_elements_does_not_stop_the_load_of_the_next_ones(tmp_path):
+    def model():
+        m = nn.Module()
+        m.empty = nn.Parameter(torch.zeros(0, 3))  # registered first
+        m.w = nn.Parameter(torch.randn(2, 3))
+        return m
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(model(), FACTORS)
+    ema.save(tmp_path, "latest")
+    torch.manual_seed(1)
+    fresh = shardema.ShardedEMA(model(), FACTORS)
+    assert fresh.resume(tmp_path) == "latest"
+    assert torch.equal(fresh.shadow(0.9, (None, "w")), ema.shadow(0.9, (None, "w")))
+
+
+# ---------------------------------------------------------------------- the writer: rank 0's visibility check
+def _reported(root: Path, sizes: dict) -> list:
+    """Entries of files ranks 0.. reported for model path "a" of save "s" of tag T; ``sizes``: name -> bytes."""
+    staging = root / "a" / "cp=T.tmp-s" / "ema=0.9"
+    staging.mkdir(parents=True, exist_ok=True)
+    return [{"model_path": "a", "path": f"ema=0.9/{name}", "rank": rank, "size": size}
+            for rank, (name, size) in enumerate(sizes.items())]
+
+
+def test_rank_0_names_every_file_it_cannot_see_at_its_size(tmp_path):
+    from shardema.checkpoint._writer import _check_visible
+
+    names = [f"rank-0000{r}-of-00006.safetensors" for r in range(6)]
+    entries = _reported(tmp_path, dict.fromkeys(names, 8))
+    (tmp_path / "a" / "cp=T.tmp-s" / "ema=0.9" / names[0]).write_bytes(b"12345678")  # visible, right size
+    (tmp_path / "a" / "cp=T.tmp-s" / "ema=0.9" / names[1]).write_bytes(b"123")  # visible, other size
+    with pytest.raises(FileNotFoundError) as info:
+        _check_visible(tmp_path, {"tag": "T", "save_id": "s"}, entries)
+    assert str(info.value) == (
+        f"rank 0 cannot see files the other ranks wrote under {tmp_path}: ema=0.9/{names[1]} of rank 1 (3 bytes), "
+        f"ema=0.9/{names[2]} of rank 2 (missing), ema=0.9/{names[3]} of rank 3 (missing), ema=0.9/{names[4]} of "
+        "rank 4 (missing) and 1 more. The checkpoint root must be one shared file system that every rank sees at "
+        "its path (not a node-local directory)")
+
+
+def test_four_invisible_files_are_all_shown(tmp_path):
+    from shardema.checkpoint._writer import _check_visible
+
+    names = [f"rank-0000{r}-of-00004.safetensors" for r in range(4)]
+    entries = _reported(tmp_path, dict.fromkeys(names, 8))
+    with pytest.raises(FileNotFoundError) as info:
+        _check_visible(tmp_path, {"tag": "T", "save_id": "s"}, entries)
+    shown = ", ".join(f"ema=0.9/{n} of rank {r} (missing)" for r, n in enumerate(names))
+    assert str(info.value).startswith(f"rank 0 cannot see files the other ranks wrote under {tmp_path}: {shown}. ")
+    _check_visible(tmp_path, {"tag": "T", "save_id": "s"}, [])  # nothing reported: nothing to see
+
+
+def test_the_manifest_records_the_save_time_the_mesh_shapes_and_the_shadow_dtype(tmp_path):
+    import time
+
+    before = time.time()
+    _save(tmp_path, None, tag="T")
+    manifest = json.loads((tmp_path / "model" / "cp=T" / "manifest.json").read_text())
+    assert before <= manifest["created_unix"] <= time.time()
+    assert manifest["mesh_shapes"] == []  # no DTensor
+    assert manifest["shadow_dtype"] == "float32"  # the default shadow dtype
+
+
+def test_a_save_in_another_dtype_stores_the_averaged_tensors_in_it_and_copies_as_they_are(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), FACTORS)
+    ema.update()
+    ema.save(tmp_path, "T", dtype=torch.bfloat16)
+    cp = tmp_path / "model" / "cp=T"
+    stored = load_file(str(cp / "ema=0.9" / "rank-00000-of-00001.safetensors"))
+    assert stored["0.weight"].dtype == torch.bfloat16
+    assert torch.equal(stored["0.weight"], ema.shadow(0.9, (None, "0.weight")).to(torch.bfloat16))
+    assert stored["1.running_mean"].dtype == torch.float32  # copied: as it is
+    assert stored["1.num_batches_tracked"].dtype == torch.int64
+    tensors = json.loads((cp / "manifest.json").read_text())["tensors"]
+    assert (tensors["0.weight"]["dtype"], tensors["1.running_mean"]["dtype"]) == ("bfloat16", "float32")
+
+
+def test_the_file_metadata_names_format_rank_and_every_piece_field(tmp_path):
+    from safetensors import safe_open
+
+    _save(tmp_path, None, tag="T")
+    with safe_open(str(tmp_path / "model" / "cp=T" / "ema=0.9" / "rank-00000-of-00001.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert (metadata["format"], metadata["format_version"], metadata["rank"], metadata["world_size"]) == (
+        "shardema-ema", "2", "0", "1")
+    pieces = json.loads(metadata["tensors"])
+    assert sorted(pieces["a.weight"]) == ["blended", "dtype", "global_shape", "is_buffer", "mesh_shape", "offset",
+                                          "placements", "shape"]
+    assert (pieces["a.weight"]["is_buffer"], pieces["a.weight"]["placements"]) == (False, None)
+
+
+def test_cleanup_goes_on_past_a_model_path_without_a_directory(tmp_path, caplog):
+    from shardema.checkpoint._writer import cleanup_leftovers
+
+    staging = tmp_path / "b" / "cp=T.tmp-0123"
+    staging.mkdir(parents=True)
+    caplog.set_level("INFO", logger="shardema")
+    assert cleanup_leftovers(tmp_path, ["a", "b"]) == [staging]  # "a" has no directory
+    assert not staging.exists()
+    assert f"removed leftovers of interrupted saves: {staging}" in caplog.messages
+
+
+# ---------------------------------------------------------------------- asynchronous saves (checkpoint/_async.py)
+def test_an_asynchronous_save_reports_its_tag_to_wait_and_to_finish(tmp_path):
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    ema.update()
+    handle = ema.save(tmp_path, "T", blocking=False)
+    assert handle.wait() == "T"
+    assert handle.finish() == "T"  # already seen by wait(): the tag again, no error
+    assert isinstance(handle.staging_seconds, float) and handle.staging_seconds >= 0
+    manifest = json.loads((tmp_path / "model" / "cp=T" / "manifest.json").read_text())
+    assert (manifest["shadow_dtype"], manifest["buffers"]) == ("float32", "copy")
+
+
+def test_the_staged_ema_answers_like_the_ema(tmp_path):
+    from shardema.checkpoint._async import StagedEMA
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["a", "b"])
+    staged = StagedEMA(ema, ema.store.stage(None, pin_memory=False), None)
+    assert [t.fqn for t in staged.tracked(["b"])] == ["weight", "bias"]
+    assert [t.key for t in staged.tracked()] == [t.key for t in ema.tracked()]
+    assert torch.equal(staged.shadow(0.9, ("a", "weight")), ema.shadow(0.9, ("a", "weight")))
+    with pytest.raises(ValueError, match=r"^factor 0\.5 is not one of the saved factors \[0\.9\]$"):
+        staged.shadow(0.5, ("a", "weight"))
+
+
+def test_an_asynchronous_save_in_another_dtype_and_its_staging_time(tmp_path):
+    import time
+
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    ema.update()
+    before = time.perf_counter()
+    handle = ema.save(tmp_path, "T", blocking=False, dtype=torch.bfloat16)
+    elapsed = time.perf_counter() - before
+    assert 0 <= handle.staging_seconds <= elapsed  # a part of the call, measured inside it
+    assert handle.wait() == "T"
+    stored = load_file(str(tmp_path / "model" / "cp=T" / "ema=0.9" / "rank-00000-of-00001.safetensors"))
+    assert stored["a.weight"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------- checksums (checkpoint/_checksum.py)
+def test_a_running_crc32c_continues_from_its_value():
+    from shardema.checkpoint._checksum import CRC32C, digest
+
+    # docs/checkpoint-format.md: the check value of b"123456789" is e3069283
+    assert digest(CRC32C, b"456789", digest(CRC32C, b"123")) == 0xE3069283
+
+
+def test_one_hashing_thread_per_process(monkeypatch):
+    import threading
+
+    from shardema.checkpoint import _checksum
+
+    monkeypatch.setattr(_checksum, "_pool", None)  # as in a new process
+    pool = _checksum.hashing_pool()
+    assert _checksum.hashing_pool() is pool
+    release = threading.Event()
+    first = pool.submit(lambda: (release.wait(30), threading.current_thread().name)[1])
+    second = pool.submit(lambda: threading.current_thread().name)  # queued behind the first: one thread
+    release.set()
+    assert first.result() == second.result()
+    assert first.result().startswith("shardema-hash")
+    pool.shutdown()
