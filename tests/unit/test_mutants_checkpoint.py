@@ -636,9 +636,9 @@ def test_each_piece_is_read_once_and_a_copied_tensor_from_the_first_factor_only(
     reads = []
     real = _reader.read_exactly
 
-    def read_exactly(f, offset, into, path):
+    def read_exactly(f, offset, into, path, hashed=None):
         reads.append((path.parent.name, offset))
-        return real(f, offset, into, path)
+        return real(f, offset, into, path, hashed)
 
     monkeypatch.setattr(_reader, "read_exactly", read_exactly)
     torch.manual_seed(1)
