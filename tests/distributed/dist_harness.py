@@ -52,6 +52,21 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout_s, backend):
                 pass
 
 
+def load_example(filename: str):
+    """Import ``examples/<filename>`` as a module (the examples are scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / filename
+    spec = importlib.util.spec_from_file_location(path.stem + "_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _context():
     """Workers fork from a server that has already imported torch: a fresh process per rank (as with
     spawn) without paying torch's import in every one (seconds of CPU per rank on a 2-core CI)."""

@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from dist_harness import run_ranks
+from dist_harness import load_example, run_ranks
 
 # find_spec, not importorskip: the parent process need not import the framework (seconds of CPU).
 pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("lightning",)),
                                 reason="needs lightning (in the dev extra)")
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_ema.py"
 DECAY = 0.9
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("lightning_ema_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("lightning_ema.py")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -1033,7 +1033,7 @@ def test_the_staged_ema_answers_like_the_ema(tmp_path):
     assert [t.fqn for t in staged.tracked(["b"])] == ["weight", "bias"]
     assert [t.key for t in staged.tracked()] == [t.key for t in ema.tracked()]
     assert torch.equal(staged.shadow(0.9, ("a", "weight")), ema.shadow(0.9, ("a", "weight")))
-    with pytest.raises(ValueError, match=r"^factor 0\.5 is not one of the saved factors \[0\.9\]$"):
+    with pytest.raises(ValueError, match=r"^factor 0\.5 is not one of this EMA's target factors \[0\.9\]$"):
         staged.shadow(0.5, ("a", "weight"))
 
 

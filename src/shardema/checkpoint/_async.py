@@ -26,7 +26,7 @@ import torch
 from .._log import logger
 from .._shards import TrackedTensor
 from .._store import Key, StagedShadows
-from ..config import DecaySchedule, check_model_paths, factors_match
+from ..config import DecaySchedule, check_model_paths
 
 
 class StagedEMA:
@@ -46,6 +46,7 @@ class StagedEMA:
         self.schedule: DecaySchedule = ema.schedule
         self._counters = dict(ema.counters())
         self._tracked: list[TrackedTensor] = list(ema.tracked())
+        self._factor_index = ema.factor_index  # reads only the frozen config
         self.shadows = shadows
 
     def counters(self) -> dict[str, float]:
@@ -61,12 +62,7 @@ class StagedEMA:
 
     def shadow(self, factor: float | int, key: Key) -> torch.Tensor:
         """The staged shadow of ``factor`` (or factor index) of ``key``."""
-        if isinstance(factor, int):
-            return self.shadows.shadow(factor, key)
-        for k, f in enumerate(self.target_factors):
-            if factors_match(f, factor):
-                return self.shadows.shadow(k, key)
-        raise ValueError(f"factor {factor!r} is not one of the saved factors {list(self.target_factors)}")
+        return self.shadows.shadow(factor if isinstance(factor, int) else self._factor_index(factor), key)
 
 
 class SaveHandle:
