@@ -289,6 +289,11 @@ class _Swap:
     @torch.no_grad()
     def swap_in(self) -> None:
         """Put the EMA values into the live local shards (step 3 of the protocol)."""
+        self._put_ema_in()
+
+    def _put_ema_in(self) -> None:
+        # Undecorated so that mutation testing reaches it (mutmut skips decorated functions);
+        # swap_in's @torch.no_grad() covers it.
         lives, self._entry_lives = self._entry_lives, []
         backed = self.backed
         self._copy([self.backups[i] for i in backed], [lives[i] for i in backed], self.on_host)
@@ -334,6 +339,10 @@ class _Swap:
         written values of backed-up tensors become their EMA values (exchanged tensors
         hand theirs back to the shadow by the exchange itself).
         """
+        return self._give_back(keep_changes)
+
+    def _give_back(self, keep_changes: bool) -> list[int]:
+        # Undecorated so that mutation testing reaches it; restore's @torch.no_grad() covers it.
         lives = self._resolve()
         written = self.written(lives) if self.swapped_lives else []
         if keep_changes and written:
@@ -383,6 +392,15 @@ def swap_session(store: ShadowStore, k: int, factor: float, targets: list[Tracke
     Yields:
         a :class:`SwapInfo` with the mode and the extra bytes held on this rank.
     """
+    yield from _session(store, k, factor, targets, swapped_paths, exchange_buffer_bytes=exchange_buffer_bytes,
+                        backup_to_host=backup_to_host, keep_changes=keep_changes, group=group)
+
+
+def _session(store: ShadowStore, k: int, factor: float, targets: list[TrackedTensor],
+             swapped_paths: tuple[str | None, ...], *, exchange_buffer_bytes: int, backup_to_host: bool,
+             keep_changes: bool, group) -> Iterator[SwapInfo]:
+    # Undecorated so that mutation testing reaches it (mutmut skips decorated functions). Through
+    # `yield from`, the body's exception (or GeneratorExit) is thrown in at the yield below.
     failure: BaseException | None = None
     failed: list[int] = []
     body_ran = False

@@ -171,6 +171,18 @@ def check_model_paths(model_paths: Any) -> tuple[str | None, ...]:
     return tuple(paths)
 
 
+# The validators' logic lives in plain functions: mutation testing (mutmut) skips decorated ones.
+def _check_kind_options(schedule: DecaySchedule) -> None:
+    if schedule.kind == "half_life" and schedule.half_life_fraction is None:
+        raise ValueError("kind 'half_life' needs half_life_fraction, e.g. 0.1 (a tenth of the run so far)")
+    if schedule.kind == "edm" and schedule.half_life_samples is None:
+        raise ValueError("kind 'edm' needs half_life_samples, e.g. 500_000 (EDM's 500 kimg)")
+    if schedule.kind == "power_function" and (schedule.min_decay or schedule.first_update_copies
+                                              or schedule.count != "calls"):
+        raise ValueError("kind 'power_function' takes neither min_decay, first_update_copies nor count: its "
+                         "decays are fixed by the profile (time counts firings; the first one copies)")
+
+
 class DecaySchedule(BaseModel):
     """When and how strongly the EMA is updated (a pure function of the step; see [Note: step numbering]).
 
@@ -241,13 +253,7 @@ class DecaySchedule(BaseModel):
 
     @model_validator(mode="after")
     def _kind_options(self) -> DecaySchedule:
-        if self.kind == "half_life" and self.half_life_fraction is None:
-            raise ValueError("kind 'half_life' needs half_life_fraction, e.g. 0.1 (a tenth of the run so far)")
-        if self.kind == "edm" and self.half_life_samples is None:
-            raise ValueError("kind 'edm' needs half_life_samples, e.g. 500_000 (EDM's 500 kimg)")
-        if self.kind == "power_function" and (self.min_decay or self.first_update_copies or self.count != "calls"):
-            raise ValueError("kind 'power_function' takes neither min_decay, first_update_copies nor count: its "
-                             "decays are fixed by the profile (time counts firings; the first one copies)")
+        _check_kind_options(self)
         return self
 
     def ignored_options(self) -> list[str]:
@@ -366,28 +372,7 @@ class EMAConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _gather_schedule_options(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        renamed = [k for k in data if k in RENAMED_OPTIONS]
-        if renamed:
-            raise ValueError("; ".join(f"option {k!r} was renamed to {RENAMED_OPTIONS[k]!r}" for k in renamed))
-        data = _profiles_as_factors(data)
-        flat = {k: data[k] for k in SCHEDULE_FIELDS if k in data}
-        if not flat:
-            return data
-        data = {k: v for k, v in data.items() if k not in flat}
-        schedule = data.get("schedule", "constant")
-        if isinstance(schedule, str):
-            schedule = {"kind": schedule}
-        elif isinstance(schedule, DecaySchedule):
-            schedule = schedule.model_dump(exclude_unset=True)
-        if not isinstance(schedule, dict):
-            return {**data, **flat}  # let field validation report the bad schedule
-        both = sorted(set(flat) & set(schedule))
-        if both:
-            raise ValueError(f"{', '.join(both)} given both flat and inside schedule; give each option once")
-        data["schedule"] = {**schedule, **flat}
-        return data
+        return _gather_schedule_options(data)
 
     @field_validator("target_factors", mode="before")
     @classmethod
@@ -396,14 +381,7 @@ class EMAConfig(BaseModel):
 
     @model_validator(mode="after")
     def _profiles_match_schedule(self) -> EMAConfig:
-        if self.schedule.kind == "power_function":
-            for value in self.target_factors:
-                check_sigma_rel(value)
-            if self.sigma_rels is None:  # ShardedEMA(model, [0.05, 0.1], schedule="power_function")
-                object.__setattr__(self, "sigma_rels", self.target_factors)
-        if self.sigma_rels is not None and self.sigma_rels != self.target_factors:
-            raise ValueError(f"sigma_rels {list(self.sigma_rels)} and target_factors {list(self.target_factors)} "
-                             "differ; give sigma_rels only")
+        _profiles_match_schedule(self)
         return self
 
     @field_validator("model_paths", mode="before")
@@ -414,26 +392,12 @@ class EMAConfig(BaseModel):
     @field_validator("include", "exclude", mode="before")
     @classmethod
     def _patterns(cls, value: Any) -> Any:
-        if value is None:
-            return value
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, Sequence) or not all(isinstance(p, str) and p.strip() for p in value):
-            raise ValueError(f"{value!r} must be a list of non-empty fnmatch patterns such as ['*.bias']")
-        return tuple(value)
+        return _patterns(value)
 
     @field_validator("shadow_dtype", mode="before")
     @classmethod
     def _dtype_to_name(cls, value: Any) -> Any:
-        if value is None:
-            return "live"
-        if isinstance(value, torch.dtype):
-            for name, dtype in SHADOW_DTYPES.items():
-                if dtype == value:
-                    return name
-            raise ValueError(f"shadow_dtype={value!r} is not a floating dtype shardema keeps shadows in; "
-                             f"use one of {[n for n in SHADOW_DTYPES if n != 'live']} or 'live'")
-        return value
+        return _shadow_dtype_name(value)
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -454,3 +418,63 @@ class EMAConfig(BaseModel):
         if type(self) is EMAConfig:
             return self
         return EMAConfig(**self.ema_options())
+
+
+def _gather_schedule_options(data: Any) -> Any:
+    """Refuse renamed options; merge flat schedule keys (``kind``, ``warmup``...) into ``schedule``."""
+    if not isinstance(data, dict):
+        return data
+    renamed = [k for k in data if k in RENAMED_OPTIONS]
+    if renamed:
+        raise ValueError("; ".join(f"option {k!r} was renamed to {RENAMED_OPTIONS[k]!r}" for k in renamed))
+    data = _profiles_as_factors(data)
+    flat = {k: data[k] for k in SCHEDULE_FIELDS if k in data}
+    if not flat:
+        return data
+    data = {k: v for k, v in data.items() if k not in flat}
+    schedule = data.get("schedule", "constant")
+    if isinstance(schedule, str):
+        schedule = {"kind": schedule}
+    elif isinstance(schedule, DecaySchedule):
+        schedule = schedule.model_dump(exclude_unset=True)
+    if not isinstance(schedule, dict):
+        return {**data, **flat}  # let field validation report the bad schedule
+    both = sorted(set(flat) & set(schedule))
+    if both:
+        raise ValueError(f"{', '.join(both)} given both flat and inside schedule; give each option once")
+    data["schedule"] = {**schedule, **flat}
+    return data
+
+
+def _profiles_match_schedule(config: EMAConfig) -> None:
+    """``power_function`` factors are sigma_rel profiles; ``sigma_rels`` may only repeat them."""
+    if config.schedule.kind == "power_function":
+        for value in config.target_factors:
+            check_sigma_rel(value)
+        if config.sigma_rels is None:  # ShardedEMA(model, [0.05, 0.1], schedule="power_function")
+            object.__setattr__(config, "sigma_rels", config.target_factors)
+    if config.sigma_rels is not None and config.sigma_rels != config.target_factors:
+        raise ValueError(f"sigma_rels {list(config.sigma_rels)} and target_factors {list(config.target_factors)} "
+                         "differ; give sigma_rels only")
+
+
+def _patterns(value: Any) -> Any:
+    if value is None:
+        return value
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p.strip() for p in value):
+        raise ValueError(f"{value!r} must be a list of non-empty fnmatch patterns such as ['*.bias']")
+    return tuple(value)
+
+
+def _shadow_dtype_name(value: Any) -> Any:
+    if value is None:
+        return "live"
+    if isinstance(value, torch.dtype):
+        for name, dtype in SHADOW_DTYPES.items():
+            if dtype == value:
+                return name
+        raise ValueError(f"shadow_dtype={value!r} is not a floating dtype shardema keeps shadows in; "
+                         f"use one of {[n for n in SHADOW_DTYPES if n != 'live']} or 'live'")
+    return value

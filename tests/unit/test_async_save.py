@@ -1,5 +1,6 @@
 """``ema.save(root, tag, blocking=False)``: the staged copy is what is written, while training goes on."""
 
+import logging
 import threading
 import time
 
@@ -85,7 +86,7 @@ def test_a_second_save_waits_for_the_first_and_both_commit(tmp_path):
     assert all(torch.equal(one.shadow(f, (None, fqn)), v) for (f, fqn), v in at_one.items())
 
 
-def test_a_failed_async_save_raises_from_wait_or_from_the_next_save(tmp_path, monkeypatch):
+def test_a_failed_async_save_raises_from_wait_or_from_the_next_save(tmp_path, monkeypatch, caplog):
     model = _model()
     ema = shardema.ShardedEMA(model, FACTORS)
     _step(model, ema, 0)
@@ -95,9 +96,13 @@ def test_a_failed_async_save_raises_from_wait_or_from_the_next_save(tmp_path, mo
         raise OSError("disk full")
 
     monkeypatch.setattr(_writer, "_write_file", broken)
-    handle = ema.save(tmp_path, "latest", blocking=False)
-    with pytest.raises(RuntimeError, match="disk full"):
-        handle.wait(timeout=60)
+    with caplog.at_level(logging.ERROR, logger="shardema"):
+        handle = ema.save(tmp_path, "latest", blocking=False)
+        with pytest.raises(RuntimeError, match="disk full"):
+            handle.wait(timeout=60)
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().lower().startswith("asynchronous")]
+    assert message.startswith(f"asynchronous save of latest under {tmp_path} failed: saving the EMA checkpoint "
+                              "cp=latest") and "OSError: disk full" in message
     assert ema.wait_for_save() is None  # already reported: not raised twice
     unseen = ema.save(tmp_path, "latest", blocking=False)  # nobody waits for this one...
     while not unseen.done():
@@ -107,6 +112,41 @@ def test_a_failed_async_save_raises_from_wait_or_from_the_next_save(tmp_path, mo
         ema.save(tmp_path, "latest", blocking=False)
     assert ema.save(tmp_path, "latest") == "latest"  # and the one after works
     assert not (tmp_path / "model" / "cp=latest.old").exists()
+
+
+def test_wait_with_a_timeout_raises_while_the_save_is_still_writing(tmp_path, monkeypatch):
+    model = _model()
+    ema = shardema.ShardedEMA(model, FACTORS)
+    _step(model, ema, 0)
+    release = threading.Event()
+    safety = threading.Timer(30, release.set)  # a wait that ignored its timeout returns after 30 s
+    safety.start()
+    real = _writer._write_file
+
+    def held(*args, **kwargs):
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_writer, "_write_file", held)
+    started: list = []
+    # Started from a daemon thread (a trainer's helper thread), the writer still is no daemon: the
+    # interpreter waits for it at exit instead of killing it half-way.
+    starter = threading.Thread(target=lambda: started.append(ema.save(tmp_path, "latest", blocking=False)),
+                               daemon=True)
+    starter.start()
+    starter.join(60)
+    (handle,) = started
+    try:
+        writers = [t for t in threading.enumerate() if t.name == "shardema-save-latest"]
+        assert len(writers) == 1 and not writers[0].daemon
+        with pytest.raises(TimeoutError):
+            handle.wait(timeout=0.05)
+        assert not handle.done() and not tmp_path.joinpath("model", "cp=latest").exists()
+    finally:
+        release.set()
+        safety.cancel()
+    assert handle.wait(timeout=60) == "latest" and ema.wait_for_save() == "latest"
+    assert ema.wait_for_save() is None and _resumed(tmp_path).step == 1
 
 
 def test_bad_arguments_raise_before_anything_is_staged(tmp_path):
@@ -121,6 +161,26 @@ def test_bad_arguments_raise_before_anything_is_staged(tmp_path):
     with ema.swapped(0.9), pytest.raises(RuntimeError, match="inside `with ema.swapped"):
         ema.save(tmp_path, "latest", blocking=False)
     assert ema.wait_for_save() is None and not tmp_path.joinpath("model").exists()
+
+
+def test_each_asynchronous_save_stages_into_the_buffers_of_the_previous_one(tmp_path, monkeypatch):
+    model = _model()
+    ema = shardema.ShardedEMA(model, FACTORS)
+    calls: list = []
+    real = type(ema.store).stage
+
+    def spy(store, previous=None, pin_memory=True):
+        staged = real(store, previous, pin_memory=pin_memory)
+        calls.append((previous, staged, pin_memory))
+        return staged
+
+    monkeypatch.setattr(type(ema.store), "stage", spy)
+    for k in range(3):
+        _step(model, ema, k)
+        ema.save(tmp_path, "latest", blocking=False)
+    assert ema.wait_for_save() == "latest" and len(calls) == 3
+    assert calls[0][0] is None and calls[1][0] is calls[0][1] and calls[2][0] is calls[1][1]
+    assert all(pin is True for _, _, pin in calls)  # pinned when the shadows are on an accelerator
 
 
 def test_staging_copies_every_shadow_and_reuses_its_buffers():

@@ -9,6 +9,7 @@ They are worked out by hand, never read back from the code under test.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def _save(root: Path, paths, tag: str = "T", steps: int = 1) -> str:
     ema.save(root, tag)
     label = "model" if paths is None else paths[0]
     return json.loads((root / label / f"cp={tag}" / "manifest.json").read_text())["save_id"]
+
+
+def _logged(caplog, start: str) -> bool:
+    """True when a shardema log record's whole message starts with ``start``."""
+    return any(r.getMessage().startswith(start) for r in caplog.records if r.name.startswith("shardema"))
 
 
 def _manifest_dict(**changes) -> dict:
@@ -313,7 +319,7 @@ def test_the_manifest_and_file_metadata_follow_the_format(tmp_path):
         assert json.loads(f.metadata()["mesh_shapes"]) == []  # no DTensor: an empty list
 
 
-def test_a_failed_write_commits_nothing_and_names_the_rank(tmp_path, monkeypatch):
+def test_a_failed_write_commits_nothing_and_names_the_rank(tmp_path, monkeypatch, caplog):
     from shardema.checkpoint import _io
 
     first = _save(tmp_path, None)
@@ -324,9 +330,11 @@ def test_a_failed_write_commits_nothing_and_names_the_rank(tmp_path, monkeypatch
         raise OSError("simulated full disk")
 
     monkeypatch.setattr(_io.SafetensorsStreamWriter, "write", write)
-    with pytest.raises(RuntimeError, match=r"failed \(rank 0: OSError: simulated full disk\); nothing was "
-                                           r"committed") as info:
+    with caplog.at_level(logging.ERROR, logger="shardema"), \
+            pytest.raises(RuntimeError, match=rf"^saving the EMA checkpoint cp=T under {tmp_path} failed \(rank 0: "
+                                              r"OSError: simulated full disk\); nothing was committed") as info:
         ema.save(tmp_path, "T")
+    assert _logged(caplog, "writing EMA checkpoint T failed: simulated full disk")
     assert isinstance(info.value.__cause__, OSError)
     assert json.loads((tmp_path / "model" / "cp=T" / "manifest.json").read_text())["save_id"] == first
 
@@ -340,7 +348,8 @@ def test_a_failed_commit_raises_with_its_cause(tmp_path, monkeypatch):
     monkeypatch.setattr(_writer, "_commit", commit)
     torch.manual_seed(0)
     ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
-    with pytest.raises(RuntimeError, match="failed on rank 0: OSError: simulated rename failure") as info:
+    with pytest.raises(RuntimeError, match=rf"^committing the EMA checkpoint cp=T under {tmp_path} failed on "
+                                           "rank 0: OSError: simulated rename failure") as info:
         ema.save(tmp_path, "T")
     assert isinstance(info.value.__cause__, OSError)
 
@@ -371,6 +380,82 @@ def test_cleanup_goes_on_past_a_tag_it_cannot_decide(tmp_path):
     shutil.move(tmp_path / "other" / "a" / "cp=B", tmp_path / "a" / "cp=B.old")
     assert cleanup_leftovers(tmp_path, ["a"]) == [tmp_path / "a" / "cp=B.old"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("cp=")) == ["cp=A.old", "cp=B"]
+
+
+def test_delete_checkpoint_goes_on_past_a_model_path_without_a_directory(tmp_path, caplog):
+    from shardema.checkpoint import delete_checkpoint
+
+    _save(tmp_path, ["b"])  # "a" has no directory at all
+    with caplog.at_level(logging.INFO, logger="shardema"):
+        assert delete_checkpoint(tmp_path, "T", ["a", "b"]) == [tmp_path / "b" / "cp=T"]
+    assert _logged(caplog, f"deleted EMA checkpoint cp=T under {tmp_path}")
+    assert not (tmp_path / "b" / "cp=T").exists()
+
+
+def test_deleting_two_versions_whose_trash_stays_behind_uses_two_trash_names(tmp_path, monkeypatch):
+    from shardema.checkpoint import _writer, delete_checkpoint
+
+    _save(tmp_path, ["a"])
+    _save(tmp_path / "other", ["a"])
+    shutil.move(tmp_path / "other" / "a" / "cp=T", tmp_path / "a" / "cp=T.old")
+    monkeypatch.setattr(_writer.shutil, "rmtree", lambda *args, **kwargs: None)  # deleting fails silently
+    removed = delete_checkpoint(tmp_path, "T", ["a"])
+    assert sorted(removed) == [tmp_path / "a" / "cp=T", tmp_path / "a" / "cp=T.old"]
+    trash = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("cp="))
+    assert len(trash) == 2 and all(name.startswith("cp=T.tmp-deleting-") for name in trash), trash
+
+
+def test_cleanup_brings_back_a_complete_old_version_and_reports_what_it_removed(tmp_path, caplog):
+    from shardema.checkpoint._writer import cleanup_leftovers
+
+    _save(tmp_path, ["a"], tag="T")
+    shutil.move(tmp_path / "a" / "cp=T", tmp_path / "a" / "cp=T.old")
+    (tmp_path / "a" / "cp=T").mkdir()  # a current version without manifest: incomplete
+    (tmp_path / "a" / "cp=T.tmp-abc").mkdir()  # a crashed save's staging directory
+    with caplog.at_level(logging.INFO, logger="shardema"):
+        removed = cleanup_leftovers(tmp_path, ["a"])
+    assert removed == [tmp_path / "a" / "cp=T.tmp-abc", tmp_path / "a" / "cp=T"]
+    assert (tmp_path / "a" / "cp=T" / "manifest.json").is_file() and not (tmp_path / "a" / "cp=T.old").exists()
+    assert _logged(caplog, f"removed leftovers of interrupted saves: {tmp_path / 'a' / 'cp=T.tmp-abc'}, "
+                           f"{tmp_path / 'a' / 'cp=T'}")
+
+
+def test_cleanup_leaves_files_and_versions_without_an_old_one_alone(tmp_path, caplog):
+    from shardema.checkpoint._writer import cleanup_leftovers
+
+    label = tmp_path / "a"
+    label.mkdir()
+    (label / "cp=T.tmp-abc").write_text("not a directory")
+    (label / "cp=C").mkdir()  # a damaged current version without an old one: not cleanup's business
+    with caplog.at_level(logging.INFO, logger="shardema"):
+        assert cleanup_leftovers(tmp_path, ["a"]) == []
+    assert (label / "cp=T.tmp-abc").is_file() and (label / "cp=C").is_dir()
+    assert caplog.text == ""
+
+
+def test_an_undecidable_tag_is_named_in_the_warning(tmp_path, caplog):
+    from shardema.checkpoint._writer import cleanup_leftovers
+
+    label = tmp_path / "a"
+    (label / "cp=A.old").mkdir(parents=True)  # no manifest in either version
+    with caplog.at_level(logging.WARNING, logger="shardema"):
+        assert cleanup_leftovers(tmp_path, ["a"]) == []
+    assert _logged(caplog, f"cannot tell which version of tag 'A' under {tmp_path} is complete; leaving it as is")
+
+
+def test_a_save_logs_its_step_root_and_directory_and_records_its_model_path(tmp_path, caplog):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["a"], shadow_dtype="live")
+    ema.update()
+    with caplog.at_level(logging.INFO, logger="shardema"):
+        ema.save(tmp_path, "T")
+    assert _logged(caplog, f"saved EMA step 1 to {tmp_path} (cp=T) in ")
+    manifest = json.loads((tmp_path / "a" / "cp=T" / "manifest.json").read_text())
+    assert manifest["shadow_dtype"] is None  # "live": each tensor's own dtype
+    with safe_open(str(tmp_path / "a" / "cp=T" / manifest["files"][0]["path"]), "pt") as f:
+        assert f.metadata()["model_path"] == '"a"'
 
 
 # ---------------------------------------------------------------------- the reader
@@ -1077,3 +1162,113 @@ def test_one_hashing_thread_per_process(monkeypatch):
     assert first.result() == second.result()
     assert first.result().startswith("shardema-hash")
     pool.shutdown()
+
+
+def test_a_save_in_bfloat16_resumes_into_float32_shadows_exactly(tmp_path):
+    """Pieces stored in another dtype are read into a buffer and cast (not read as raw shadow bytes)."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = shardema.ShardedEMA(model, (0.9, 0.99), buffers="average")
+    for k in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * (k + 1))
+        model(torch.randn(5, 3))  # moves the batch-norm statistics
+        ema.update()
+    ema.save(tmp_path, "T", dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    fresh = shardema.ShardedEMA(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), (0.9, 0.99), buffers="average")
+    assert shardema.checkpoint.load_ema(fresh, tmp_path, "T") == "T"
+    for factor in (0.9, 0.99):
+        stored = load_file(tmp_path / "model" / "cp=T" / f"ema={factor}" / "rank-00000-of-00001.safetensors")
+        assert stored["0.weight"].dtype == torch.bfloat16
+        for t in fresh.tracked():
+            shadow = fresh.shadow(factor, t.key)
+            assert torch.equal(shadow, stored[t.fqn].to(shadow.dtype)), (factor, t.fqn)
+            assert not torch.equal(shadow, t.current().detach()) or t.fqn.endswith("num_batches_tracked")
+
+
+def test_load_ema_names_itself_inside_a_swap_and_the_model_paths_it_lacks(tmp_path):
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["a"])
+    with ema.swapped(0.9), pytest.raises(RuntimeError, match=r"ema\.load_ema\(\) was called inside"):
+        shardema.checkpoint.load_ema(ema, tmp_path, "T")
+    with pytest.raises(FileNotFoundError, match=r"cp=T under .* for model paths \['a'\]; list what exists"):
+        shardema.checkpoint.load_ema(ema, tmp_path, "T")
+
+
+def test_a_rank_file_gone_between_planning_and_reading_is_named(tmp_path, monkeypatch, caplog):
+    from shardema.checkpoint import _reader
+
+    _save(tmp_path, None)
+    real = _reader.plan_reads
+
+    def plan_then_delete(ema, load, candidate):
+        reads = real(ema, load, candidate)
+        for path in reads:
+            path.unlink()  # what a newer save's cleanup does to an old version
+        return reads
+
+    monkeypatch.setattr(_reader, "plan_reads", plan_then_delete)
+    torch.manual_seed(1)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    with caplog.at_level(logging.WARNING, logger="shardema"), pytest.raises(FileNotFoundError):
+        shardema.checkpoint.load_ema(ema, tmp_path, "T")
+    gone = tmp_path / "model" / "cp=T" / "ema=0.9" / "rank-00000-of-00001.safetensors"
+    assert f"FileNotFoundError: {gone}: gone while it was read (a newer save replaced it)" in caplog.text
+
+
+def test_a_held_writer_lock_fails_the_save_naming_rank_0_and_the_lock(tmp_path):
+    from shardema.checkpoint._lock import WriterLock
+
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    with WriterLock(tmp_path / "model", purpose="deleting cp=T"):
+        with pytest.raises(RuntimeError, match=rf"^saving the EMA checkpoint cp=T under {tmp_path} failed on rank 0: "
+                                               r"CheckpointLockedError: .*/model is being written by another EMA "
+                                               r"of this process .*; nothing was written$"):
+            ema.save(tmp_path, "T")
+    assert not [p for p in (tmp_path / "model").iterdir() if p.name.startswith("cp=")]
+    assert ema.save(tmp_path, "T") == "T"  # released: the next save works
+
+
+def test_save_ema_refuses_a_dtype_that_is_not_floating(tmp_path):
+    from shardema.checkpoint import save_ema
+
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    for dtype in (torch.int8, "bfloat16"):
+        with pytest.raises(ValueError, match=rf"^dtype={dtype!r} must be a floating torch dtype such as "
+                                             r"torch.bfloat16, or None$"):
+            save_ema(ema, tmp_path, "T", dtype=dtype)
+    assert not tmp_path.joinpath("model").exists()
+
+
+def test_resume_names_itself_and_what_it_tried(tmp_path, caplog):
+    torch.manual_seed(0)
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS, model_paths=["a"])
+    with ema.swapped(0.9), pytest.raises(RuntimeError, match=r"ema\.resume\(\) was called inside"):
+        ema.resume(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^no intact EMA checkpoint \(cp=latest, cp=last\) under {tmp_path} "
+                                                r"for model paths \['a'\]; pass strict=False to start from the live "
+                                                r"weights$"):
+        ema.resume(tmp_path, strict=True)
+    with caplog.at_level(logging.WARNING, logger="shardema"):
+        assert ema.resume(tmp_path) is None
+    assert _logged(caplog, f"no intact EMA checkpoint (cp=latest, cp=last) under {tmp_path}: the EMA starts from "
+                           "the live weights")
+
+
+@pytest.mark.parametrize(("drop", "named"), [
+    ("header_crc32c", "files.0.header_crc32c is required by format_version 2"),
+    ("crc32c", "files.0.pieces.w.crc32c is required by format_version 2"),
+])
+def test_a_format_2_manifest_without_its_checksums_names_the_missing_one(drop, named):
+    manifest = _manifest_dict(format_version=2)
+    entry = manifest["files"][0]
+    del entry["crc32"], entry["pieces"]["w"]["crc32"]
+    entry["header_crc32c"], entry["pieces"]["w"]["crc32c"] = "00000000", "00000000"
+    del (entry if drop == "header_crc32c" else entry["pieces"]["w"])[drop]
+    with pytest.raises(ManifestError, match=named):
+        validate_manifest(manifest)

@@ -278,3 +278,76 @@ def test_factors_exactly_the_tolerance_apart_match():
 def test_a_plain_config_is_its_own_ema_config():
     cfg = EMAConfig(target_factors=[0.9])
     assert cfg.to_ema_config() is cfg
+
+
+def test_a_missing_attribute_error_carries_its_name_and_object_also_for_subclasses():
+    from torch import nn
+
+    import shardema
+
+    class MyEMA(shardema.ShardedEMA):
+        pass
+
+    ema = MyEMA(nn.Linear(2, 2), [0.9])
+    with pytest.raises(AttributeError, match=r"^'MyEMA' object has no attribute 'nope'$") as info:
+        _ = ema.nope
+    assert info.value.name == "nope" and info.value.obj is ema  # what Python's "Did you mean" hints read
+    with torch.no_grad(), pytest.raises(AttributeError, match="renamed to 'exchange_buffer_bytes'") as info:
+        with ema.swapped(0.9) as swap:
+            _ = swap.scratch_bytes
+    assert info.value.name == "scratch_bytes" and info.value.obj is swap
+
+
+def _gamma_by_bisection(sigma_rel: float) -> float:
+    """gamma >= 0 with sigma_rel**2 == (gamma + 1) / ((gamma + 2)**2 (gamma + 3)) (EDM2, eq. 3), solved here."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > sigma_rel**2:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize(("start_step", "update_every", "steps_and_t"), [
+    (0, 1, [(0, 1), (1, 2), (5, 6), (99, 100)]),
+    (3, 2, [(3, 1), (5, 2), (6, 3), (11, 5)]),  # t counts firings from 1: the first one copies
+])
+def test_power_function_decays_follow_the_profile_of_each_sigma_rel(start_step, update_every, steps_and_t):
+    schedule = DecaySchedule(kind="power_function", start_step=start_step, update_every=update_every)
+    for sigma_rel in (0.05, 0.1):
+        gamma = _gamma_by_bisection(sigma_rel)
+        for step, t in steps_and_t:
+            assert schedule.decay(sigma_rel, step) == pytest.approx((1 - 1 / t) ** (gamma + 1), rel=1e-9, abs=0)
+
+
+@pytest.mark.parametrize(("given", "factors"), [
+    ({"sigma_rels": [0.05, 0.1]}, (0.05, 0.1)),
+    ({"sigma_rels": 0.05}, (0.05,)),  # one number
+    ({"sigma_rels": [0.05], "target_factors": [0.05]}, (0.05,)),  # both, agreeing
+    ({"target_factors": [0.05, 0.1], "schedule": "power_function"}, (0.05, 0.1)),  # factors as profiles
+])
+def test_sigma_rels_name_the_averages_of_a_power_function_ema(given, factors):
+    config = EMAConfig(**given)
+    assert config.target_factors == factors and config.sigma_rels == factors
+    assert config.schedule.kind == "power_function"
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"sigma_rels": "0.05"}, "sigma_rels='0.05' must be a non-empty list of relative widths, e.g. [0.05, 0.10]"),
+    ({"sigma_rels": []}, "sigma_rels=[] must be a non-empty list of relative widths"),
+    ({"sigma_rels": True}, "sigma_rels=True must be a non-empty list of relative widths"),
+    ({"sigma_rels": [0.05, 0.9]}, "sigma_rel 0.9 is outside (0, 0.2887)"),
+    ({"sigma_rels": [0.05], "target_factors": [0.9]}, "give sigma_rels=[0.05] or target_factors=[0.9], not both"),
+    ({"target_factors": [0.9], "schedule": "power_function"}, "sigma_rel 0.9 is outside (0, 0.2887)"),
+])
+def test_bad_sigma_rels_name_the_value(given, message):
+    with pytest.raises(ValidationError) as info:
+        EMAConfig(**given)
+    assert message in str(info.value)
+
+
+def test_a_power_function_schedule_uses_no_other_option():
+    assert DecaySchedule(kind="power_function").ignored_options() == []
+    assert DecaySchedule(kind="power_function", inv_gamma=2.0).ignored_options() == ["inv_gamma"]

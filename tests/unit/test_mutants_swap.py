@@ -4,6 +4,7 @@ Expected values come from the swap's documented contract (the module notes and t
 docstrings of ``SwapWriteError`` and ``SwapInfo``), worked out by hand.
 """
 
+import logging
 import pickle
 
 import pytest
@@ -131,3 +132,54 @@ def test_a_one_byte_exchange_buffer_still_fits_the_widest_element():
         assert torch.equal(model[0].weight, w64) and torch.equal(model[1].weight, w32)
     assert torch.equal(model[0].weight, w64 + 10) and torch.equal(model[1].weight, w32 + 10)
     assert torch.equal(ema.shadow(0.9, (None, "0.weight")), w64)
+
+
+def _records(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("shardema") and r.levelno == level]
+
+
+def test_a_swap_logs_its_factor_and_what_it_holds_at_debug_level(caplog):
+    model = _net(1)
+    ema = ShardedEMA(model, [0.9, 0.99])
+    with caplog.at_level(logging.DEBUG, logger="shardema"), ema.swapped(0.99) as info:
+        pass
+    assert f"swapped in EMA factor 0.99: {info}" in _records(caplog, logging.DEBUG)
+
+
+@pytest.mark.parametrize("body_fails", [False, True])
+def test_a_failing_restore_is_logged_and_raised_unless_the_body_failed_first(monkeypatch, caplog, body_fails):
+    from shardema._swap import _Swap
+
+    model = _net(1)
+    ema = ShardedEMA(model, [0.9])
+
+    def give_back(self, keep_changes):
+        raise RuntimeError("simulated restore failure")
+
+    monkeypatch.setattr(_Swap, "_give_back", give_back)
+    expected = ValueError("the body failed") if body_fails else RuntimeError("simulated restore failure")
+    with caplog.at_level(logging.ERROR, logger="shardema"), pytest.raises(type(expected), match=str(expected)):
+        with ema.swapped(0.9):
+            if body_fails:
+                raise ValueError("the body failed")
+    assert _records(caplog, logging.ERROR) == [
+        "restoring the live weights after the swap of factor 0.9 failed: RuntimeError('simulated restore failure')"]
+
+
+def test_a_swap_refused_at_entry_restores_nothing_and_logs_no_error(caplog):
+    model = _net(2)
+    ema = ShardedEMA(model, [0.9])
+    model[1] = nn.Linear(2, 2)  # a replaced submodule: refused before anything is swapped
+    refused = pytest.raises(RuntimeError, match="submodule '1' was replaced")
+    with caplog.at_level(logging.ERROR, logger="shardema"), refused, ema.swapped(0.9):
+        pytest.fail("the body must not run")
+    assert _records(caplog, logging.ERROR) == []
+
+
+def test_a_failure_of_the_only_rank_carries_no_note_about_other_ranks():
+    model = _net(1)
+    ema = ShardedEMA(model, [0.9])
+    with pytest.raises(ValueError, match="the body failed") as info:
+        with ema.swapped(0.9):
+            raise ValueError("the body failed")
+    assert not getattr(info.value, "__notes__", None)

@@ -56,7 +56,7 @@ def make_dirs(path: Path) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync it, rename it, fsync the directory."""
-    temp = path.with_name(path.name + ".tmp")
+    temp = path.with_name(path.name + TEMP_SUFFIX)
     with open(temp, "wb") as f:
         f.write(data)
         f.flush()

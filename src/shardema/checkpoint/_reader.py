@@ -224,6 +224,12 @@ def _load(ema, load: CheckpointLoad, candidate: Candidate) -> None:
     (while it is in cache and the next chunk is read); a piece's result is checked when
     the next piece has been read, so the extra memory is two pieces at most.
     """
+    _read_pieces(ema, load, candidate)
+
+
+def _read_pieces(ema, load: CheckpointLoad, candidate: Candidate) -> None:
+    # Undecorated so that mutation testing reaches it (mutmut skips decorated functions);
+    # _load's @torch.no_grad() covers it.
     reads = plan_reads(ema, load, candidate)
     for path in sorted(reads):
         try:
@@ -434,7 +440,11 @@ def resume_ema(ema, root, strict: bool = False) -> str | None:
     structure does not match the EMA. A load that fails part-way never leaves
     half-loaded shadows: they are reset to the live weights.
     """
-    root = Path(root)
+    return _resume(ema, Path(root), strict)
+
+
+def _resume(ema, root: Path, strict: bool) -> str | None:
+    # Undecorated so that mutation testing reaches it; resume_ema's @torch.no_grad() covers it.
     with ema.loading("resume") as load:
         tag = _load_first(ema, load, root, RESUME_ORDER)
         if tag is not None:
@@ -459,8 +469,12 @@ def load_ema(ema, root, tag: str) -> str:
     ``FileNotFoundError`` when the tag has no intact committed version (the shadows are
     then reset to the live weights if a failed read touched them). Returns the tag.
     """
+    return _load_tag(ema, Path(root), tag)
+
+
+def _load_tag(ema, root: Path, tag: str) -> str:
+    # Undecorated so that mutation testing reaches it; load_ema's @torch.no_grad() covers it.
     validate_tag(tag)
-    root = Path(root)
     with ema.loading("load_ema") as load:
         loaded = _load_first(ema, load, root, (tag,))
         if loaded is None:

@@ -275,6 +275,12 @@ def save_ema(ema, root, tag: str = "latest", *, dtype: torch.dtype | None = None
     ``torch.bfloat16`` for post-hoc snapshots; copied tensors keep theirs); ``None``:
     as they are. A resume casts back to the shadows' dtype.
     """
+    return _save(ema, root, tag, dtype)
+
+
+def _save(ema, root, tag: str, dtype: torch.dtype | None) -> str:
+    # Undecorated so that mutation testing reaches it (mutmut skips decorated functions);
+    # save_ema's @torch.no_grad() covers it.
     validate_tag(tag)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} must be a floating torch dtype such as torch.bfloat16, or None")
