@@ -684,6 +684,18 @@ def test_a_rank_reads_only_its_rows_at_their_offset(tmp_path):
     assert torch.equal(second.shadow_tensor, saved["a.weight"][1:])
 
 
+def test_a_rank_reads_the_part_of_a_piece_it_overlaps_at_the_piece_s_own_offset(tmp_path):
+    """A partial overlap (after resharding): the piece is read whole, then cut at (start - piece offset)."""
+    from shardema.checkpoint import _reader
+
+    saved = _two_rank_save(tmp_path)
+    (candidate,) = find_candidates(tmp_path, [None], "latest")
+    ema = shardema.ShardedEMA(TwoPaths(), FACTORS)
+    corner = _RankOfTwo([1, 1], [1, 1])  # row 1, column 1: inside rank 1's piece at offset [1, 0]
+    _reader._load(ema, corner, candidate)
+    assert torch.equal(corner.shadow_tensor, saved["a.weight"][1:, 1:])
+
+
 def test_pieces_that_do_not_cover_a_rank_are_a_bug_naming_the_counts(tmp_path):
     from shardema.checkpoint import _reader
 
@@ -918,6 +930,7 @@ def test_a_piece_failing_its_checksum_is_logged_with_the_rank_and_the_error_type
     assert shardema.ShardedEMA(TwoPaths(), FACTORS).resume(tmp_path) is None
     skipped = [m for m in caplog.messages if m.startswith("skipping EMA checkpoint")]
     assert len(skipped) == 1 and skipped[0].startswith(f"skipping EMA checkpoint {cp}: rank 0: ValueError: {path}: ")
+    assert f"{path}: 'b.bias' fails its CRC-32C check" in skipped[0]  # the last tensor of the file
 
 
 def test_two_versions_of_one_step_are_tried_current_then_old(tmp_path):

@@ -351,3 +351,39 @@ def test_bad_sigma_rels_name_the_value(given, message):
 def test_a_power_function_schedule_uses_no_other_option():
     assert DecaySchedule(kind="power_function").ignored_options() == []
     assert DecaySchedule(kind="power_function", inv_gamma=2.0).ignored_options() == ["inv_gamma"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"kind": "half_life"}, "kind 'half_life' needs half_life_fraction, e.g. 0.1 (a tenth of the run so far)"),
+    ({"kind": "edm"}, "kind 'edm' needs half_life_samples, e.g. 500_000 (EDM's 500 kimg)"),
+    ({"kind": "power_function", "min_decay": 0.5}, "kind 'power_function' takes neither min_decay, "
+     "first_update_copies nor count: its decays are fixed by the profile (time counts firings; the first one copies)"),
+    ({"kind": "power_function", "first_update_copies": True}, "kind 'power_function' takes neither min_decay"),
+    ({"kind": "power_function", "count": "firings"}, "kind 'power_function' takes neither min_decay"),
+])
+def test_options_a_kind_needs_or_refuses_are_named_in_the_whole_message(options, message):
+    with pytest.raises(ValidationError) as info:
+        DecaySchedule(**options)
+    assert f"Value error, {message}" in str(info.value)
+
+
+@pytest.mark.parametrize(("schedule", "kind"), [
+    ("constant", "'constant'"), ({"kind": "warmup"}, "'warmup'"), ({"update_every": 2}, "'constant'"),
+    (DecaySchedule(kind="power"), "'power'"), (3, "None"),  # not a schedule at all
+])
+def test_sigma_rels_refuse_another_schedule_naming_it(schedule, kind):
+    with pytest.raises(ValidationError) as info:
+        EMAConfig(sigma_rels=[0.05], schedule=schedule)
+    assert f"sigma_rels needs schedule 'power_function' (it is {kind}); leave schedule unset" in str(info.value)
+
+
+def test_sigma_rels_keep_the_other_options_of_a_power_function_schedule():
+    config = EMAConfig(sigma_rels=[0.05], schedule={"kind": "power_function", "update_every": 2})
+    assert config.schedule.update_every == 2 and config.target_factors == (0.05,)
+
+
+def test_every_renamed_option_is_named_in_one_message():
+    with pytest.raises(ValidationError) as info:
+        EMAConfig(target_factors=[0.9], upcast_scratch_bytes=1, scratch_bytes=2)
+    assert ("option 'upcast_scratch_bytes' was renamed to 'upcast_buffer_bytes'; option 'scratch_bytes' was renamed "
+            "to 'exchange_buffer_bytes'") in str(info.value)
