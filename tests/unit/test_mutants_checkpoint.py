@@ -964,6 +964,17 @@ def test_the_overlap_error_lists_every_save_of_the_other_model_paths(tmp_path):
         "(model paths ['model']); resume with the model paths used for saving, or save to a new root")
 
 
+def test_a_save_of_two_model_paths_is_listed_once_by_the_overlap_error(tmp_path):
+    _save(tmp_path, ["a", "b"], tag="latest")  # one save, found under a/ and under b/
+    torch.manual_seed(2)
+    with pytest.raises(shardema.checkpoint.CheckpointMismatchError) as info:
+        shardema.ShardedEMA(TwoPaths(), FACTORS).resume(tmp_path)  # the whole model overlaps both
+    assert str(info.value) == (
+        f"no EMA checkpoint for model paths ['model'] under {tmp_path}, but there are checkpoints of overlapping "
+        f"model paths: {tmp_path / 'a' / 'cp=latest'}, {tmp_path / 'b' / 'cp=latest'} (model paths ['a', 'b']); "
+        "resume with the model paths used for saving, or save to a new root")
+
+
 def test_a_directory_without_a_valid_manifest_is_logged_as_ignored(tmp_path, caplog):
     _save(tmp_path, None, tag="last")
     _write_manifest(tmp_path / "model" / "cp=latest", "{")

@@ -287,6 +287,7 @@ def _saved_under_other_paths(root: Path, model_paths, tags) -> list[tuple[str | 
     if not root.is_dir():
         return []
     found = []
+    seen: set[str] = set()  # a save of several model paths is found under each of them: list it once
     ours = set(model_paths)
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         other = None if label_dir.name == path_label(None) else label_dir.name
@@ -298,7 +299,9 @@ def _saved_under_other_paths(root: Path, model_paths, tags) -> list[tuple[str | 
             continue
         for tag in tags:
             for candidate in find_candidates(root, [other], tag):
-                found.append((other, candidate))
+                if candidate.save_id not in seen:
+                    seen.add(candidate.save_id)
+                    found.append((other, candidate))
     return found
 
 
