@@ -447,15 +447,16 @@ def _gather_schedule_options(data: Any) -> Any:
 
 
 def _profiles_match_schedule(config: EMAConfig) -> None:
-    """``power_function`` factors are sigma_rel profiles; ``sigma_rels`` may only repeat them."""
+    """``power_function`` factors are sigma_rel profiles; ``sigma_rels`` repeats them.
+
+    ``sigma_rels`` given explicitly were made the factors by ``_profiles_as_factors`` (a
+    before-validator), so only factors given under ``schedule="power_function"`` remain.
+    """
     if config.schedule.kind == "power_function":
         for value in config.target_factors:
             check_sigma_rel(value)
         if config.sigma_rels is None:  # ShardedEMA(model, [0.05, 0.1], schedule="power_function")
             object.__setattr__(config, "sigma_rels", config.target_factors)
-    if config.sigma_rels is not None and config.sigma_rels != config.target_factors:
-        raise ValueError(f"sigma_rels {list(config.sigma_rels)} and target_factors {list(config.target_factors)} "
-                         "differ; give sigma_rels only")
 
 
 def _patterns(value: Any) -> Any:
